@@ -1,0 +1,1 @@
+"""The experiment layer: params schema, Typer CLI, DVC stages, MLflow tracking and reports."""

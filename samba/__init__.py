@@ -1,0 +1,1 @@
+"""Samba: Mamba language models with sparse hidden states and a dense state readout."""
