@@ -16,7 +16,7 @@ position. A scan that needs either (Samba's states, prefill from a cache) theref
 the pure-PyTorch chunked scan on the CUDA tensors, under `auto` and `cuda` alike.
 
 Set the backend with `set_backend`, the context manager `use_backend`, or the environment
-variable SAMBA_BACKEND, which is read at import.
+variable SAMBA_BACKEND, which is read when no backend has been set.
 """
 
 from __future__ import annotations
@@ -40,32 +40,35 @@ class BackendError(RuntimeError):
     """The requested scan backend cannot run here."""
 
 
-def _validated(name: str) -> Backend:
+def _validated(name: str, source: str) -> Backend:
     if name not in BACKENDS:
-        raise BackendError(f"invalid scan backend {name!r}: expected one of {', '.join(BACKENDS)}")
+        raise BackendError(f"invalid scan backend {name!r} in {source}: expected one of {', '.join(BACKENDS)}")
     return name  # type: ignore[return-value]
 
 
-_backend: Backend = _validated(os.environ.get("SAMBA_BACKEND", "auto"))
+_backend: Backend | None = None
 _warned: set[str] = set()
 _cuda_error: str | None = None
 _cuda_checked = False
 
 
 def get_backend() -> Backend:
-    return _backend
+    """Return the backend set by set_backend, else the one SAMBA_BACKEND names, else "auto"."""
+    if _backend is not None:
+        return _backend
+    return _validated(os.environ.get("SAMBA_BACKEND", "auto"), "the environment variable SAMBA_BACKEND")
 
 
-def set_backend(name: str) -> None:
-    """Choose the backend for every scan and convolution in this process."""
+def set_backend(name: str | None) -> None:
+    """Choose the backend for every scan and convolution in this process; None returns to SAMBA_BACKEND."""
     global _backend
-    _backend = _validated(name)
+    _backend = None if name is None else _validated(name, "set_backend")
 
 
 @contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the body with another backend, then restore the previous one."""
-    previous = get_backend()
+    """Run the body with another backend, then restore the previous setting."""
+    previous = _backend
     set_backend(name)
     try:
         yield
@@ -108,19 +111,19 @@ def kernel_for(tensor: Tensor) -> Literal["torch", "cpu", "cuda"]:
     if backend == "torch":
         return "torch"
     if backend == "cuda":
-        if device != "cuda":
-            raise BackendError(f"scan backend 'cuda' needs CUDA tensors, got tensors on {device}; use 'auto' or 'torch'")
         error = cuda_kernels_error()
         if error is not None:
             raise BackendError(f"scan backend 'cuda' needs mamba-ssm and causal-conv1d, which failed to import "
                                f"({error}); {CUDA_INSTALL_HINT}, or use 'auto'")
+        if device != "cuda":
+            raise BackendError(f"scan backend 'cuda' needs CUDA tensors, got tensors on {device}; use 'auto' or 'torch'")
         return "cuda"
     if backend == "cpu":
-        if device != "cpu":
-            raise BackendError(f"scan backend 'cpu' needs CPU tensors, got tensors on {device}; use 'auto' or 'torch'")
         error = _cpu_kernel_error()
         if error is not None:
             raise BackendError(f"scan backend 'cpu' is unavailable: {error}; use 'auto' or 'torch'")
+        if device != "cpu":
+            raise BackendError(f"scan backend 'cpu' needs CPU tensors, got tensors on {device}; use 'auto' or 'torch'")
         return "cpu"
 
     # auto

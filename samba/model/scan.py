@@ -136,7 +136,7 @@ def selective_scan(
 
     with torch.autocast(u.device.type, enabled=False):
         if kernel == "cuda" and h0 is None and not return_states and compute_dtype == torch.float32:
-            y, last_state = fused_scan(u, delta.float(), A.float(), B, C, D)
+            y, last_state = fused_scan(*(tensor.float() for tensor in (u, delta, A, B, C, D)))
             return ScanOutput(y=y.to(out_dtype), states=None, last_state=last_state)
         u, delta, A, B, C, D = (tensor.to(compute_dtype) for tensor in (u, delta, A, B, C, D))
         h0 = h0.to(compute_dtype) if h0 is not None else None

@@ -33,7 +33,7 @@ SOURCE = Path(__file__).resolve().parent / "kernels" / "selective_scan_cpu.c"
 CHUNK = 32
 # Channels per work item. Gradients of B and C are summed over channels per block, so the
 # block size (and not the thread count) fixes the order of that sum.
-BLOCK = 32
+BLOCK = 64
 _BASE_FLAGS = ("-O3", "-ffast-math", "-fPIC", "-shared", "-pthread")
 _C_TYPES = {torch.float32: ("float", ctypes.c_float), torch.float64: ("double", ctypes.c_double)}
 

@@ -40,8 +40,31 @@
 
 typedef REAL real;
 
-/* exp in the precision of real, so the float build calls the float (and vectorised) expf. */
-#define EXP(x) _Generic((x), float: expf, default: exp)(x)
+/* exp(x) for float, inline so that the compiler vectorises the loops that call it.
+ * x = k ln2 + r with |r| <= ln2 / 2 (ln2 split in two parts, Cody and Waite), then
+ * exp(x) = 2^k exp(r) with the degree-7 Taylor polynomial of exp(r), whose truncation
+ * error (|r|^8 / 8! < 6e-9) is below float's rounding error. Results under exp(-87) are
+ * clamped to about 1.6e-38 instead of going subnormal or to zero. */
+static inline float fast_expf(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float k = rintf(x * 1.44269504088896341f);
+    const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+    float p = 1.0f / 5040.0f + r * (1.0f / 40320.0f);
+    p = 1.0f / 720.0f + r * p;
+    p = 1.0f / 120.0f + r * p;
+    p = 1.0f / 24.0f + r * p;
+    p = 1.0f / 6.0f + r * p;
+    p = 0.5f + r * p;
+    p = 1.0f + r * p;
+    p = 1.0f + r * p;
+    const int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* exp in the precision of real: fast_expf for float, the C library's exp for double. */
+#define EXP(x) _Generic((x), float: fast_expf, default: exp)(x)
 
 typedef struct {
     int64_t batch, length, d_inner, d_state, block, chunk;
@@ -63,16 +86,19 @@ static int64_t n_blocks_of(const ScanArgs *a) { return (a->d_inner + a->block - 
 
 static int64_t n_chunks_of(const ScanArgs *a) { return (a->length + a->chunk - 1) / a->chunk; }
 
-/* Scratch for one work item of the backward pass: chunk + 1 states and chunk decays of the block,
- * and a row of zeros that stands in for grad_states when the caller has none. */
-static int64_t scratch_size(const ScanArgs *a) { return (2 * a->chunk + 1) * a->block * a->d_state + a->d_state; }
+/* A work item runs its block in sub-blocks of SUB_BLOCK channels, one after the other, so that
+ * the chunk of states that the backward pass rebuilds stays in the L1 cache. */
+#define SUB_BLOCK 8
 
-static void forward_item(const ScanArgs *a, int64_t item, real *scratch) {
-    (void)scratch;
-    const int64_t L = a->length, DI = a->d_inner, N = a->d_state;
-    const int64_t b = item / n_blocks_of(a);
-    const int64_t d0 = (item % n_blocks_of(a)) * a->block;
-    const int64_t d1 = d0 + a->block < DI ? d0 + a->block : DI;
+/* Scratch for the backward pass of one sub-block: chunk + 1 states and chunk decays, and a
+ * row of zeros that stands in for grad_states when the caller has none. */
+static int64_t scratch_size(const ScanArgs *a) { return (2 * a->chunk + 1) * SUB_BLOCK * a->d_state + a->d_state; }
+
+/* The forward pass of sequence b, channels d0 .. d1-1. N is the state size, a compile-time
+ * constant in the specialised copies below. */
+static inline __attribute__((always_inline)) void forward_range(const ScanArgs *a, int64_t b, int64_t d0, int64_t d1,
+                                                               const int64_t N) {
+    const int64_t L = a->length, DI = a->d_inner;
     real *h = a->last_state + (b * DI + d0) * N; /* The running state lives in last_state. */
 
     if (a->h0) memcpy(h, a->h0 + (b * DI + d0) * N, (size_t)((d1 - d0) * N) * sizeof(real));
@@ -102,9 +128,10 @@ static void forward_item(const ScanArgs *a, int64_t item, real *scratch) {
 }
 
 /* Rebuild the states h_{t0-1} .. h_{t1-1} and the decays of positions t0 .. t1-1 into scratch. */
-static void rebuild_chunk(const ScanArgs *a, int64_t b, int64_t d0, int64_t d1, int64_t t0, int64_t t1,
-                          real *hs, real *decays) {
-    const int64_t L = a->length, DI = a->d_inner, N = a->d_state, width = (d1 - d0) * N;
+static inline __attribute__((always_inline)) void rebuild_chunk(const ScanArgs *a, int64_t b, int64_t d0, int64_t d1,
+                                                               int64_t t0, int64_t t1, real *hs, real *decays,
+                                                               const int64_t N) {
+    const int64_t L = a->length, DI = a->d_inner, width = (d1 - d0) * N;
     const real *start = a->checkpoints + ((b * n_chunks_of(a) + t0 / a->chunk) * DI + d0) * N;
     memcpy(hs, start, (size_t)width * sizeof(real));
     for (int64_t t = t0; t < t1; t++) {
@@ -127,7 +154,7 @@ static void rebuild_chunk(const ScanArgs *a, int64_t b, int64_t d0, int64_t d1, 
 
 /* One position and channel of the backward pass, over the state index n. On entry gh is
  * dLoss/dh_t through later positions only; on return it is dLoss/dh_{t-1} through them. */
-static inline void backward_step(int64_t N, real gy, real dt, real ut, const real *restrict Ad,
+static inline __attribute__((always_inline)) void backward_step(const int64_t N, real gy, real dt, real ut, const real *restrict Ad,
                                  const real *restrict Bt, const real *restrict Ct, const real *restrict gs,
                                  const real *restrict prev, const real *restrict cur, const real *restrict decay,
                                  real *restrict gh, real *restrict gA, real *restrict gBt, real *restrict gCt,
@@ -148,16 +175,16 @@ static inline void backward_step(int64_t N, real gy, real dt, real ut, const rea
     *sum_u = s_u;
 }
 
-static void backward_item(const ScanArgs *a, int64_t item, real *scratch) {
-    const int64_t L = a->length, DI = a->d_inner, N = a->d_state;
-    const int64_t block_index = item % n_blocks_of(a);
-    const int64_t b = item / n_blocks_of(a);
-    const int64_t d0 = block_index * a->block;
-    const int64_t d1 = d0 + a->block < DI ? d0 + a->block : DI;
+/* The backward pass of sequence b, channels d0 .. d1-1 of block block_index. The sums over
+ * channels of the gradients of B and C are stored (first sub-block) or added to the block's rows. */
+static inline __attribute__((always_inline)) void backward_range(const ScanArgs *a, int64_t b, int64_t block_index,
+                                                                int64_t d0, int64_t d1, int first, real *scratch,
+                                                                const int64_t N) {
+    const int64_t L = a->length, DI = a->d_inner;
     const int64_t width = (d1 - d0) * N;
-    real *hs = scratch;                                  /* (chunk + 1, width) */
-    real *decays = scratch + (a->chunk + 1) * a->block * N; /* (chunk, width) */
-    real *zeros = decays + a->chunk * a->block * N;         /* (N,) */
+    real *hs = scratch;                                   /* (chunk + 1, width) */
+    real *decays = scratch + (a->chunk + 1) * SUB_BLOCK * N; /* (chunk, width) */
+    real *zeros = decays + a->chunk * SUB_BLOCK * N;         /* (N,) */
     real *restrict gh = a->grad_h0 + (b * DI + d0) * N;  /* dLoss/dh of the next position back */
     real *restrict gA = a->grad_A_part + (b * DI + d0) * N;
     real *restrict gD = a->grad_D_part + b * DI;
@@ -172,7 +199,7 @@ static void backward_item(const ScanArgs *a, int64_t item, real *scratch) {
 
     for (int64_t c = n_chunks_of(a) - 1; c >= 0; c--) {
         const int64_t t0 = c * a->chunk, t1 = t0 + a->chunk < L ? t0 + a->chunk : L;
-        rebuild_chunk(a, b, d0, d1, t0, t1, hs, decays);
+        rebuild_chunk(a, b, d0, d1, t0, t1, hs, decays, N);
         for (int64_t t = t1 - 1; t >= t0; t--) {
             const int64_t row = (b * L + t) * DI;
             const real *restrict Bt = a->B + (b * L + t) * N;
@@ -180,8 +207,8 @@ static void backward_item(const ScanArgs *a, int64_t item, real *scratch) {
             const real *restrict prev = hs + (t - t0) * width;
             const real *restrict cur = hs + (t - t0 + 1) * width;
             const real *restrict decay = decays + (t - t0) * width;
-            real *restrict gBt = gB_rows + t * N;
-            real *restrict gCt = gC_rows + t * N;
+            /* Sums over the block's channels, kept local so that they can live in registers. */
+            real gBt[N], gCt[N];
             for (int64_t n = 0; n < N; n++) gBt[n] = gCt[n] = 0;
             for (int64_t d = d0; d < d1; d++) {
                 const real gy = a->grad_y[row + d], dt = a->delta[row + d], ut = a->u[row + d];
@@ -195,9 +222,48 @@ static void backward_item(const ScanArgs *a, int64_t item, real *scratch) {
                 a->grad_u[row + d] = sum_u * dt + a->D[d] * gy;
                 gD[d] += gy * ut;
             }
+            real *restrict gB_row = gB_rows + t * N, *restrict gC_row = gC_rows + t * N;
+            for (int64_t n = 0; n < N; n++) {
+                gB_row[n] = first ? gBt[n] : gB_row[n] + gBt[n];
+                gC_row[n] = first ? gCt[n] : gC_row[n] + gCt[n];
+            }
         }
     }
 }
+
+/* One work item: sequence b = item / n_blocks and one block of channels, sub-block by sub-block. */
+static inline __attribute__((always_inline)) void forward_impl(const ScanArgs *a, int64_t item, const int64_t N) {
+    const int64_t b = item / n_blocks_of(a), d0 = (item % n_blocks_of(a)) * a->block;
+    const int64_t d1 = d0 + a->block < a->d_inner ? d0 + a->block : a->d_inner;
+    for (int64_t start = d0; start < d1; start += SUB_BLOCK)
+        forward_range(a, b, start, start + SUB_BLOCK < d1 ? start + SUB_BLOCK : d1, N);
+}
+
+static inline __attribute__((always_inline)) void backward_impl(const ScanArgs *a, int64_t item, real *scratch,
+                                                               const int64_t N) {
+    const int64_t b = item / n_blocks_of(a), block_index = item % n_blocks_of(a), d0 = block_index * a->block;
+    const int64_t d1 = d0 + a->block < a->d_inner ? d0 + a->block : a->d_inner;
+    for (int64_t start = d0; start < d1; start += SUB_BLOCK)
+        backward_range(a, b, block_index, start, start + SUB_BLOCK < d1 ? start + SUB_BLOCK : d1, start == d0,
+                       scratch, N);
+}
+
+/* Copies of the item functions for any state size and for the common d_state = 16. */
+static void forward_item_any(const ScanArgs *a, int64_t item, real *scratch) {
+    (void)scratch;
+    forward_impl(a, item, a->d_state);
+}
+
+static void forward_item_16(const ScanArgs *a, int64_t item, real *scratch) {
+    (void)scratch;
+    forward_impl(a, item, 16);
+}
+
+static void backward_item_any(const ScanArgs *a, int64_t item, real *scratch) {
+    backward_impl(a, item, scratch, a->d_state);
+}
+
+static void backward_item_16(const ScanArgs *a, int64_t item, real *scratch) { backward_impl(a, item, scratch, 16); }
 
 static void *run_worker(void *arg) {
     Worker *w = (Worker *)arg;
@@ -250,7 +316,7 @@ int scan_forward(int64_t batch, int64_t length, int64_t d_inner, int64_t d_state
                  const real *h0, real *y, real *last_state, real *states, real *checkpoints, int n_threads) {
     ScanArgs a = {batch, length, d_inner, d_state, block, chunk, u, delta, A, B, C, D, h0,
                   y, last_state, states, checkpoints};
-    return run_items(&a, forward_item, n_threads);
+    return run_items(&a, d_state == 16 ? forward_item_16 : forward_item_any, n_threads);
 }
 
 int scan_backward(int64_t batch, int64_t length, int64_t d_inner, int64_t d_state, int64_t block, int64_t chunk,
@@ -262,5 +328,5 @@ int scan_backward(int64_t batch, int64_t length, int64_t d_inner, int64_t d_stat
                   NULL, NULL, NULL, (real *)checkpoints,
                   grad_y, grad_states, grad_last, grad_u, grad_delta, grad_A_part, grad_B_part, grad_C_part,
                   grad_D_part, grad_h0};
-    return run_items(&a, backward_item, n_threads);
+    return run_items(&a, d_state == 16 ? backward_item_16 : backward_item_any, n_threads);
 }
