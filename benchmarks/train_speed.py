@@ -8,10 +8,10 @@ training steps (forward, cross-entropy, backward, optimizer step) on random toke
     python benchmarks/train_speed.py                      # the default table
     python benchmarks/train_speed.py --shapes 8x128 --cases ours-baseline,mambapy
 
-Columns: tokens/s; ms per step; peak RSS of the case's process (torch and the model
-code included); the ratio of tokens/s to the fastest peer at that shape; and the share
-of the measured fp32 matmul GFLOP/s that the step's matmul work reaches (its matmul
-FLOPs per token, 6 per weight of every Linear layer, times tokens/s). Needs the `bench`
+Columns: tokens/s, ms per step, and the peak RSS of the case's process (torch and the
+model code included). "vs best peer" divides tokens/s by the fastest peer's at that shape.
+"matmul share" is the step's matmul work (6 FLOPs per weight of every Linear layer, per
+token, times tokens/s) as a share of the measured fp32 matmul GFLOP/s. Needs the `bench`
 extra for the peers: pip install -e '.[bench]'.
 """
 
@@ -114,6 +114,8 @@ def matmul_flops_per_token(args, samba: bool) -> float:
 def run_case(case: str, shape: str, args) -> dict:
     """Run one case in this process and return its measurements."""
     batch, length = (int(part) for part in shape.split("x"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, optimizer = build_case(case, args)
     device = torch.device(args.device)
@@ -121,11 +123,16 @@ def run_case(case: str, shape: str, args) -> dict:
     ids = torch.randint(0, args.vocab, (batch, length + 1), device=device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
+    max_steps = args.steps
     for _ in range(args.warmup):
+        start = time.perf_counter()
         training_step(case, model, optimizer, ids)
-    synchronize()
+        synchronize()
+        if time.perf_counter() - start > args.max_seconds:
+            max_steps = 1  # a step this slow is timed once, after one warmup step
+            break
     steps, start = 0, time.perf_counter()
-    while steps < args.steps and (steps == 0 or time.perf_counter() - start < args.max_seconds):
+    while steps < max_steps and (steps == 0 or time.perf_counter() - start < args.max_seconds):
         training_step(case, model, optimizer, ids)
         synchronize()
         steps += 1
@@ -141,6 +148,8 @@ def run_case(case: str, shape: str, args) -> dict:
 
 def measure_matmul(args) -> dict:
     """Return the best fp32 GFLOP/s of a large matrix product on this machine, with its threads."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     a = torch.randn(4096, 1024, device=device)
     b = torch.randn(1024, 1024, device=device)
@@ -170,7 +179,9 @@ def run_in_subprocess(worker_args: list[str], timeout: float) -> dict:
 
 
 def format_table(results: list[dict], matmul: dict) -> str:
-    rows = ["| case | batch x length | tokens/s | ms/step | peak RSS (MiB) | vs best peer | matmul share |",
+    on_gpu = any("peak_gpu_mib" in result for result in results)
+    memory = "peak GPU memory (MiB)" if on_gpu else "peak RSS (MiB)"
+    rows = [f"| case | batch x length | tokens/s | ms/step | {memory} | vs best peer | matmul share |",
             "|---|---|---:|---:|---:|---:|---:|"]
     for shape in dict.fromkeys(result["shape"] for result in results):
         at_shape = [result for result in results if result["shape"] == shape]
@@ -182,8 +193,9 @@ def format_table(results: list[dict], matmul: dict) -> str:
                 continue
             ratio = f"{result['tokens_per_s'] / best_peer:.2f}x" if best_peer else "n/a"
             share = f"{result['matmul_gflop_per_s'] / matmul['gflop_per_s']:.0%}" if "gflop_per_s" in matmul else "n/a"
-            rows.append(f"| {result['case']} | {shape} | {result['tokens_per_s']:.0f} | {result['ms_per_step']:.0f} | "
-                        f"{result['peak_rss_mib']:.0f} | {ratio} | {share} |")
+            peak = result["peak_gpu_mib"] if on_gpu else result["peak_rss_mib"]
+            rows.append(f"| {result['case']} | {shape} | {result['tokens_per_s']:.0f} | {result['ms_per_step']:.1f} | "
+                        f"{peak:.0f} | {ratio} | {share} |")
     return "\n".join(rows)
 
 
@@ -201,6 +213,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--d-state", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=10000)
     parser.add_argument("--readout-hidden", type=int, default=256, help="Samba's readout MLP width")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per case; 0 keeps torch's default")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--backend", default="auto", help="our scan backend: auto, torch, cpu or cuda")
     parser.add_argument("--json", default="", help="also write every result to this JSON file")
@@ -217,14 +230,14 @@ def main(argv: list[str] | None = None) -> None:
 
     passthrough = [f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
                    if key in ("steps", "warmup", "max_seconds", "d_model", "n_layers", "d_state", "vocab",
-                              "readout_hidden", "device", "backend")]
+                              "readout_hidden", "threads", "device", "backend")]
     if args.only:
         pairs = [tuple(item.split("@")) for item in args.only.split(",")]
     else:
         pairs = [(case, shape) for shape in args.shapes.split(",") for case in args.cases.split(",")]
-    print(f"# {platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}",
-          flush=True)
+    threads = args.threads or torch.get_num_threads()
+    print(f"# {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads per case, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
     matmul = run_in_subprocess(["--worker", "matmul", "0x0", *passthrough], args.timeout)
     print(f"# fp32 matmul (4096x1024 @ 1024x1024): {matmul.get('gflop_per_s', float('nan')):.0f} GFLOP/s", flush=True)
     results = []

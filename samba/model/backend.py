@@ -4,7 +4,7 @@ Backends:
     auto   (default) the fastest available for each tensor's device: mamba-ssm's fused
            CUDA kernels on CUDA tensors when they import, our compiled C kernel on CPU
            tensors when it builds, else the pure-PyTorch chunked scan. Each fallback logs
-           one warning that says how to get the faster path.
+           one warning with the command that installs the faster path.
     torch  the pure-PyTorch chunked scan on every device (no compiled code at all).
     cpu    our C kernel (samba/model/kernels); raises BackendError when it cannot be built
            or the tensors are not on the CPU.

@@ -121,8 +121,8 @@ def selective_scan(
     """Run the selective scan over the whole sequence with the backend of samba.model.backend.
 
     The recurrence runs in float32, or in float64 when any input is float64, because
-    products of many exp(delta * A) factors lose too much precision in half types; this
-    holds under autocast too. y comes back in the dtype of u, so that it feeds the next
+    products of many exp(delta * A) factors lose too much precision in half types. Autocast
+    does not change this. y comes back in the dtype of u, so that it feeds the next
     layer directly. states and last_state stay in the compute dtype, so a scan continued
     from last_state through h0 keeps that precision.
     """

@@ -3,8 +3,8 @@
 The C file is compiled on first use with the system C compiler (`$CC`, else `cc`) into a
 per-user cache folder, one shared library for float32 and one for float64, and called
 through ctypes. It needs no Python or PyTorch headers, so a build takes about a second.
-When no compiler is found or the build fails, `cpu_kernel_error()` says why and the
-caller falls back to the pure-PyTorch scan.
+When no compiler is found or the build fails, `cpu_kernel_error()` returns the reason,
+and the backend switch falls back to the pure-PyTorch scan.
 
 Forward and backward are fused loops over (sequence, block of channels) work items, run
 on `torch.get_num_threads()` threads. The forward pass saves the state at the start of

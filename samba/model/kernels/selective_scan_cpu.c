@@ -7,8 +7,8 @@
  *     y_t = C_t . h_t + D * u_t
  *
  * Each work item is one sequence b and a block of `block` consecutive channels, so the
- * state of the block stays in the L1 cache and no (batch, length, d_inner, d_state)
- * tensor is built unless the caller asks for every state. The backward pass rebuilds
+ * state of the block stays in the L1 cache. No (batch, length, d_inner, d_state) tensor
+ * is built unless the caller requests every state. The backward pass rebuilds
  * the states of one chunk of positions at a time from the chunk-start states that the
  * forward pass saved (`checkpoints`), then walks the chunk backwards.
  *
@@ -77,7 +77,7 @@ typedef struct {
 
 typedef struct {
     const ScanArgs *args;
-    int64_t first_item, item_step;
+    int64_t *next_item; /* shared by all workers of a call */
     int failed;
     void (*run_item)(const ScanArgs *, int64_t, real *);
 } Worker;
@@ -91,7 +91,7 @@ static int64_t n_chunks_of(const ScanArgs *a) { return (a->length + a->chunk - 1
 #define SUB_BLOCK 8
 
 /* Scratch for the backward pass of one sub-block: chunk + 1 states and chunk decays, and a
- * row of zeros that stands in for grad_states when the caller has none. */
+ * row of zeros that replaces grad_states when the caller has none. */
 static int64_t scratch_size(const ScanArgs *a) { return (2 * a->chunk + 1) * SUB_BLOCK * a->d_state + a->d_state; }
 
 /* The forward pass of sequence b, channels d0 .. d1-1. N is the state size, a compile-time
@@ -277,7 +277,12 @@ static void *run_worker(void *arg) {
             return NULL;
         }
     }
-    for (int64_t item = w->first_item; item < n_items; item += w->item_step) w->run_item(a, item, scratch);
+    /* Each worker takes the next free item, so a thread that the OS deschedules holds up no
+     * fixed share of the work. Items write disjoint outputs, so the results do not depend
+     * on which thread runs which item. */
+    for (int64_t item = __atomic_fetch_add(w->next_item, 1, __ATOMIC_RELAXED); item < n_items;
+         item = __atomic_fetch_add(w->next_item, 1, __ATOMIC_RELAXED))
+        w->run_item(a, item, scratch);
     free(scratch);
     return NULL;
 }
@@ -290,19 +295,18 @@ static int run_items(const ScanArgs *a, void (*run_item)(const ScanArgs *, int64
     Worker *workers = (Worker *)calloc((size_t)n_threads, sizeof(Worker));
     pthread_t *threads = (pthread_t *)calloc((size_t)n_threads, sizeof(pthread_t));
     char *started = (char *)calloc((size_t)n_threads, 1);
+    int64_t next_item = 0;
     int status = 0;
     if (!workers || !threads || !started) status = -1;
     for (int i = 0; status == 0 && i < n_threads; i++) {
-        workers[i] = (Worker){a, i, n_threads, 0, run_item};
+        workers[i] = (Worker){a, &next_item, 0, run_item};
         if (i > 0) started[i] = pthread_create(&threads[i], NULL, run_worker, &workers[i]) == 0;
     }
     if (status == 0) {
-        /* An item whose thread did not start runs here instead. */
+        /* The calling thread works too, and finishes the items of any thread that did not start. */
         run_worker(&workers[0]);
-        for (int i = 1; i < n_threads; i++) {
+        for (int i = 1; i < n_threads; i++)
             if (started[i]) pthread_join(threads[i], NULL);
-            else run_worker(&workers[i]);
-        }
         for (int i = 0; i < n_threads; i++) status |= workers[i].failed ? -1 : 0;
     }
     free(workers);
