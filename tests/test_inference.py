@@ -1,9 +1,11 @@
-"""Recurrent inference: prefill plus single steps equals one forward pass; bf16 autocast precision."""
+"""Recurrent inference equals one forward pass; bf16 autocast precision; memory of the baseline scan."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from samba.model import MambaConfig, build_model
 from samba.model.backend import use_backend
@@ -112,3 +114,47 @@ def test_bf16_autocast_keeps_ssm_in_float32(kind: str) -> None:
             assert states.dtype == torch.float32
             # States within 2% of their largest magnitude.
             torch.testing.assert_close(states, states_ref, rtol=0, atol=0.02 * states_ref.abs().max().item())
+
+
+class LargestTensor(TorchDispatchMode):
+    """Record the largest number of elements of any tensor an operator returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_baseline_never_builds_all_states(backend: str) -> None:
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=VOCAB, d_model=16, n_layers=2, d_state=8)
+    batch, length = 2, 256
+    all_states = batch * length * config.d_inner * config.d_state
+    for kind, expect_all_states in (("baseline", False), ("samba", True)):
+        model = build_model(kind, config)
+        ids = torch.randint(0, VOCAB, (batch, length))
+        with use_backend(backend), LargestTensor() as mode:
+            output = model(ids)
+            loss = output.logits.mean() + (output.states[0].mean() if output.states else 0)
+            loss.backward()
+        # The chunked scan's largest tensors hold 32 of the 256 positions.
+        assert (mode.largest >= all_states) == expect_all_states, (kind, mode.largest, all_states)
+
+
+def test_bf16_autocast_backward_is_finite() -> None:
+    model = tiny_model("samba")
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(ids)
+    loss = output.logits.float().mean() + output.readout_logits.float().mean() + output.states[0].abs().mean()
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, name
+        assert torch.isfinite(parameter.grad).all(), name

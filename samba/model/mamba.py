@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from samba.model.backend import kernel_for
 from samba.model.cache import InferenceCache, LayerCache
 from samba.model.config import MambaConfig
+from samba.model.fused import causal_conv, causal_conv_silu, rms_norm, silu_gate, softplus_from_output
 from samba.model.output import LMOutput
 from samba.model.scan import selective_scan
 from samba.model.scan_cuda import fused_causal_conv
@@ -38,10 +39,8 @@ class RMSNorm(nn.Module):
         _exclude_from_weight_decay(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 at least, because the mean of squares underflows in half types.
-        x_float = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        normed = x_float * torch.rsqrt(x_float.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        # Normalises in float32 at least, because the mean of squares underflows in half types.
+        return rms_norm(x, self.weight, self.eps)
 
 
 class MambaBlock(nn.Module):
@@ -106,18 +105,8 @@ class MambaBlock(nn.Module):
         `window` (batch, d_conv, d_inner), the last d_conv inputs seen so far, or are
         zeros when window is None.
         """
-        length = x.shape[1]
-        if window is None:
-            padded = F.pad(x, (0, 0, self.d_conv - 1, 0))
-        else:
-            padded = torch.cat([window[:, 1:].to(x.dtype), x], dim=1)
-        # NOTE: d_conv shifted multiply-adds in the (batch, length, d_inner) layout take a
-        # third of the time of nn.Conv1d's depthwise backward on CPU, and need no transposes.
-        weight = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
-        out = self.conv1d.bias + padded[:, :length] * weight[:, 0]
-        for k in range(1, self.d_conv):
-            out = torch.addcmul(out, padded[:, k:k + length], weight[:, k])
-        return out
+        history = window[:, 1:] if window is not None else None
+        return causal_conv(x, self.conv1d.weight[:, 0, :], self.conv1d.bias, history)
 
     def _ssm_parameters(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Return delta, A, B and C for the conv output x (..., d_inner).
@@ -129,7 +118,7 @@ class MambaBlock(nn.Module):
         compute_dtype = torch.promote_types(self.dt_proj.weight.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
             weight, bias = self.dt_proj.weight.to(compute_dtype), self.dt_proj.bias.to(compute_dtype)
-            delta = F.softplus(F.linear(dt.to(compute_dtype), weight, bias))  # positive
+            delta = softplus_from_output(F.linear(dt.to(compute_dtype), weight, bias))  # positive
             A = -torch.exp(self.A_log.to(compute_dtype))
         return delta, A, B, C
 
@@ -148,10 +137,12 @@ class MambaBlock(nn.Module):
         # 2. Causal depthwise convolution over time, then SiLU.
         window = cache.conv_window if cache is not None else None
         conv_input = x
-        if window is None and kernel_for(x) == "cuda":
+        if window is not None:
+            x = F.silu(self.causal_conv(x, window))
+        elif kernel_for(x) == "cuda":
             x = fused_causal_conv(x, self.conv1d.weight, self.conv1d.bias)  # conv and SiLU in one kernel
         else:
-            x = F.silu(self.causal_conv(x, window))
+            x = causal_conv_silu(x, self.conv1d.weight[:, 0, :], self.conv1d.bias)
 
         # 3. Selection: the step size delta and the matrices B and C depend on the input.
         # 4. Selective scan with A = -exp(A_log) < 0, which keeps every exp(delta * A) in (0, 1).
@@ -164,7 +155,7 @@ class MambaBlock(nn.Module):
             cache.ssm_state = scan.last_state
 
         # 5. Gate with SiLU(z) and project back to d_model.
-        y = scan.y * F.silu(z)
+        y = silu_gate(scan.y, z)
         return self.out_proj(y), scan.states
 
     def _next_window(self, window: Tensor | None, inputs: Tensor) -> Tensor:
