@@ -112,8 +112,8 @@ def train(
     try:
         _run(action)
     except NonFiniteLossError as error:
-        typer.echo(f"error: training diverged: {error}; lower train.lr or train.grad_clip, "
-                   "or change the model, then rerun (a changed config starts a fresh run)", err=True)
+        typer.echo(f"error: training diverged: {error}; lower train.lr or raise train.warmup_steps, "
+                   "then rerun (a changed config starts a fresh run)", err=True)
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
         typer.echo("error: training interrupted; rerun the same command to resume from the last training state",

@@ -31,14 +31,15 @@ from typing import Any
 
 import samba
 from pipeline.errors import StageError
-from samba.train.checkpoint import write_atomically
-from samba.train.train_state import STATE_FILE
+from samba.train.checkpoint import CheckpointError, write_atomically
+from samba.train.train_state import STATE_FILE, read_state_extra
 
 logger = logging.getLogger(__name__)
 
 RESUME_DIR = Path(".samba") / "resume"
 RUN_FILE = "mlflow_run.json"
 LOCK_FILE = "lock"
+KEY_FIELD = "resume_key"  # The key is saved in the state too, for folders chosen with --checkpoint-dir.
 # The training code, as dvc.yaml lists it for the train stages (relative to the samba package).
 TRAINING_CODE = ("model", "train", "data/stream.py", "loss.py")
 # Params that change how a run is carried out but not its result.
@@ -106,6 +107,21 @@ def read_run_id(folder: Path) -> str | None:
 def write_run_id(folder: Path, run_id: str) -> None:
     text = json.dumps({"run_id": run_id}) + "\n"
     write_atomically(folder / RUN_FILE, lambda name: Path(name).write_text(text, encoding="utf-8"))
+
+
+def check_state_key(folder: Path, key: str) -> None:
+    """Raise StageError when the saved state in `folder` belongs to another config, data or code."""
+    path = folder / STATE_FILE
+    if not path.is_file():
+        return
+    try:
+        saved = read_state_extra(path).get(KEY_FIELD)
+    except CheckpointError as error:
+        raise StageError(f"{error}, or pass --no-resume") from None
+    if saved != key:
+        raise StageError(f"the training state in {folder} comes from other params, tokens or training code "
+                         f"(key {saved}, this run {key}): pass --no-resume to discard it, or choose another "
+                         "--checkpoint-dir")
 
 
 def discard_state(folder: Path) -> None:

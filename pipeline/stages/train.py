@@ -128,12 +128,13 @@ def run_train(params: Params, kind: ModelKind, tokens_dir: Path, outputs: TrainO
             return None
         sections = SAMBA_SECTIONS if kind == "samba" else BASELINE_SECTIONS
         flat = stage_params(params, sections)
-        folder = checkpoint_dir or resume.default_resume_folder(
-            project_root(), kind, resume.resume_key(kind, flat, tokens_dir))
+        key = resume.resume_key(kind, flat, tokens_dir)
+        folder = checkpoint_dir or resume.default_resume_folder(project_root(), kind, key)
         with resume.locked_folder(folder):
             if not resume_run:
                 resume.discard_state(folder)
-            metrics = _train_tracked(params, kind, model, stream, config, meta, outputs, folder, flat, context)
+            resume.check_state_key(folder, key)
+            metrics = _train_tracked(params, kind, model, stream, config, meta, outputs, folder, flat, key, context)
             resume.discard_state(folder)
         resume.remove_folder(folder)
         return metrics
@@ -142,7 +143,7 @@ def run_train(params: Params, kind: ModelKind, tokens_dir: Path, outputs: TrainO
 
 
 def _train_tracked(params: Params, kind: ModelKind, model: torch.nn.Module, stream: TrainStream,
-                   config: TrainConfig, meta: dict, outputs: TrainOutputs, folder: Path, flat: dict,
+                   config: TrainConfig, meta: dict, outputs: TrainOutputs, folder: Path, flat: dict, key: str,
                    context: DistributedContext) -> dict:
     """Train inside the MLflow run (reopened after a crash) and write the outputs (rank 0)."""
     n_params = model.num_parameters()
@@ -154,7 +155,7 @@ def _train_tracked(params: Params, kind: ModelKind, model: torch.nn.Module, stre
         if tracker.run_id is not None:
             resume.write_run_id(folder, tracker.run_id)
         summary = train(model, stream, config, on_log=_metric_logger(tracker), checkpoint_dir=folder,
-                        context=context)
+                        state_extra={resume.KEY_FIELD: key}, context=context)
         metrics = _write_outputs(kind, model.cpu(), summary, n_params, meta, outputs, params)
         tracker.log_metrics({"train_seconds": summary.seconds, "parameters": n_params}, step=summary.steps)
         for path in (outputs.metrics, outputs.curve):

@@ -124,6 +124,18 @@ def load_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     return progress, document["extra"]
 
 
+def read_state_extra(path: Path) -> dict:
+    """Return the extra dict saved with the state at `path` without loading its tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            document = json.loads((handle.metadata() or {})["samba"])
+        extra = document["extra"]
+    except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"training state {path} is truncated or corrupted ({_first_line(error)}): "
+                              f"delete {path} to start training from step 0") from None
+    return extra if isinstance(extra, dict) else {}
+
+
 def _load_model(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     expected = model.state_dict()
     stored = {key.removeprefix(_MODEL): value for key, value in tensors.items() if key.startswith(_MODEL)}

@@ -98,12 +98,12 @@ def _describe(values: dict[str, float]) -> str:
 
 def train(model: nn.Module, stream: TrainStream, config: TrainConfig,
           on_log: Callable[[StepRecord], None] | None = None, *, checkpoint_dir: Path | None = None,
-          context: DistributedContext = SINGLE_PROCESS) -> TrainSummary:
+          state_extra: dict | None = None, context: DistributedContext = SINGLE_PROCESS) -> TrainSummary:
     """Train `model` in place for `config.steps` steps on batches `stream.batch(step)`.
 
     With `checkpoint_dir`, rank 0 saves the training state there every
     `config.checkpoint_every` steps and, when a state file is already there, resumes from
-    it. `on_log` runs on rank 0 for each record logged by this call (not for records
+    it; `state_extra` (JSON values) is saved with the state. `on_log` runs on rank 0 for each record logged by this call (not for records
     restored from the state). Raises NonFiniteLossError on a NaN or infinite loss or
     gradient norm, before the optimizer applies that step.
     """
@@ -129,7 +129,7 @@ def train(model: nn.Module, stream: TrainStream, config: TrainConfig,
                                                 config, context)
         except NonFiniteLossError as error:
             if last_saved:
-                error.args = (f"{error}; the last good training state is step {last_saved}",)
+                error.args = (f"{error}; the last good training state (step {last_saved}) is kept in {state_path}",)
             raise
 
         for key, value in (*values.items(), ("grad_norm", grad_norm)):
@@ -149,7 +149,7 @@ def train(model: nn.Module, stream: TrainStream, config: TrainConfig,
         if (state_path is not None and context.is_main and config.checkpoint_every
                 and progress.step % config.checkpoint_every == 0 and progress.step < config.steps):
             progress.seconds = seconds_before + time.perf_counter() - run_start
-            save_train_state(state_path, model, optimizer, progress)
+            save_train_state(state_path, model, optimizer, progress, extra=state_extra)
             last_saved = progress.step
             logger.info("saved the training state at step %d to %s", progress.step, state_path)
 
