@@ -1,4 +1,4 @@
-"""Where an interrupted training run keeps its state, so the same command picks it up again.
+"""The folder of an interrupted training run's state, so the same command picks it up again.
 
 The folder is `<root>/.samba/resume/train_<kind>-<key>`, with <root> the project root
 (DVC_ROOT when DVC runs the stage) and <key> a hash of everything that shapes the

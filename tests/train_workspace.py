@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -53,10 +52,3 @@ def read_outputs(out: Path, kind: str) -> dict:
 def state_files(root: Path) -> list[Path]:
     return sorted((root / ".samba" / "resume").glob("*/train_state.safetensors"))
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

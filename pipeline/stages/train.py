@@ -46,7 +46,7 @@ SAMBA_SECTIONS = (*BASELINE_SECTIONS, "readout", "loss")
 
 @dataclass(frozen=True)
 class TrainOutputs:
-    """Where the stage writes: the checkpoint folder and three files."""
+    """The stage's outputs: the checkpoint folder and three files."""
 
     checkpoint: Path
     metrics: Path

@@ -42,7 +42,7 @@ class StepRecord:
 
 @dataclass
 class TrainProgress:
-    """What the training loop needs to continue, besides weights and optimizer state.
+    """The training loop's position and logged history, the part of a state besides weights and optimizer.
 
     step counts finished optimizer steps, so the next batch is `stream.batch(step)`.
     The interval sums cover the steps since the last logged record, so a resumed run

@@ -3,7 +3,7 @@
 On CPU the same config, data and seed give bit-identical weights: the batches are
 a pure function of the step and no nondeterministic kernels are allowed. A run that
 resumes from a training state (samba.train.train_state) continues bit-identically,
-because that state holds everything the loop reads besides the config and the data.
+because that state contains everything the loop reads besides the config and the data.
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def train(model: nn.Module, stream: TrainStream, config: TrainConfig,
     """Train `model` in place for `config.steps` steps on batches `stream.batch(step)`.
 
     With `checkpoint_dir`, rank 0 saves the training state there every
-    `config.checkpoint_every` steps and, when a state file is already there, resumes from
-    it; `state_extra` (JSON values) is saved with the state. `on_log` runs on rank 0 for each record logged by this call (not for records
+    `config.checkpoint_every` steps, together with `state_extra` (JSON values). When a
+    state file is already there, training resumes from it. `on_log` runs on rank 0 for each record logged by this call (not for records
     restored from the state). Raises NonFiniteLossError on a NaN or infinite loss or
     gradient norm, before the optimizer applies that step.
     """
