@@ -74,12 +74,13 @@ def train(
     kind: Annotated[Literal["baseline", "samba"], typer.Option(help="Model to train: the dense baseline or Samba.")],
     params: ParamsOption = Path("params.yaml"),
     tokens: TokensOption = Path("data/tokens"),
-    out: Annotated[Path | None, typer.Option(help="Checkpoint folder [default: models/KIND].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Checkpoint folder.", show_default="models/KIND")] = None,
     metrics_dir: MetricsDirOption = Path("metrics"),
     plots_dir: PlotsDirOption = Path("plots"),
     checkpoint_dir: Annotated[Path | None, typer.Option(
-        help="Folder for the resumable training state, saved every train.checkpoint_every steps "
-             "[default: .samba/resume/train_KIND-HASH under the project root, HASH from params, tokens and code]."
+        help="Folder for the resumable training state, saved every train.checkpoint_every steps and "
+             "removed when training finishes. The default folder name hashes the params, tokens and code.",
+        show_default=".samba/resume/train_KIND-HASH under the project root",
     )] = None,
     resume: Annotated[bool, typer.Option(
         help="Continue from a saved training state of the same config; --no-resume deletes it and starts at step 0."

@@ -73,6 +73,8 @@ def device_for(context: DistributedContext, device_type: str) -> torch.device:
 
 def init_process_group(context: DistributedContext, device: torch.device) -> None:
     """Join the process group: NCCL for GPUs, gloo for CPUs. MASTER_ADDR and MASTER_PORT come from torchrun."""
+    # NOTE: the tests run gloo on CPUs only. The NCCL branch follows the PyTorch docs but has
+    # not been run by this project's test suite.
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", rank=context.rank, world_size=context.world_size, device_id=device)
