@@ -7,6 +7,7 @@ layout that dvc.yaml declares.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
@@ -43,8 +44,12 @@ def _run(action: Callable[[], T]) -> T:
     except USER_ERRORS as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=2) from None
-    except PermissionError as error:
-        typer.echo(f"error: cannot write {error.filename}: permission denied (choose a writable folder)", err=True)
+    except OSError as error:
+        if error.filename is None:
+            raise
+        # A file-system failure on a named path, e.g. an output folder below a regular file.
+        typer.echo(f"error: cannot use {error.filename}: {error.strerror or type(error).__name__} "
+                   "(check that the path exists, is a folder where one is expected, and is writable)", err=True)
         raise typer.Exit(code=2) from None
 
 
@@ -69,19 +74,59 @@ def train(
     kind: Annotated[Literal["baseline", "samba"], typer.Option(help="Model to train: the dense baseline or Samba.")],
     params: ParamsOption = Path("params.yaml"),
     tokens: TokensOption = Path("data/tokens"),
-    out: Annotated[Path | None, typer.Option(help="Checkpoint folder [default: models/KIND].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Checkpoint folder.", show_default="models/KIND")] = None,
     metrics_dir: MetricsDirOption = Path("metrics"),
     plots_dir: PlotsDirOption = Path("plots"),
+    checkpoint_dir: Annotated[Path | None, typer.Option(
+        help="Folder for the resumable training state, saved every train.checkpoint_every steps and "
+             "removed when training finishes. The default folder name hashes the params, tokens and code.",
+        show_default=".samba/resume/train_KIND-HASH under the project root",
+    )] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Continue from a saved training state of the same config; --no-resume deletes it and starts at step 0."
+    )] = True,
+    memory_check: Annotated[bool, typer.Option(
+        help="Refuse to start when the estimated memory need exceeds the free memory."
+    )] = True,
 ) -> None:
-    """Train one model for `train.steps` optimizer steps and save a safetensors checkpoint."""
-    from pipeline.stages.train import run_train
+    """Train one model for `train.steps` optimizer steps and save a safetensors checkpoint.
 
-    _run(lambda: run_train(
-        _load(params), kind, tokens, out or Path("models") / kind,
-        metrics_path=metrics_dir / f"train_{kind}.json",
-        timing_path=metrics_dir / f"timing_{kind}.json",
-        curve_path=plots_dir / f"train_{kind}.csv",
-    ))
+    Rerunning the same command after a crash resumes from the last training state. Under
+    torchrun (`torchrun --nproc_per_node N --no-python samba train ...`) the processes split
+    train.batch_size between them.
+    """
+    from pipeline.stages.train import TrainOutputs, run_train
+    from samba.train.trainer import NonFiniteLossError
+
+    outputs = TrainOutputs(
+        checkpoint=out or Path("models") / kind,
+        metrics=metrics_dir / f"train_{kind}.json",
+        timing=metrics_dir / f"timing_{kind}.json",
+        curve=plots_dir / f"train_{kind}.csv",
+    )
+
+    def action() -> None:
+        run_train(_load(params), kind, tokens, outputs, checkpoint_dir=checkpoint_dir, resume_run=resume,
+                  check_memory=memory_check)
+
+    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        _run(action)
+    except NonFiniteLossError as error:
+        typer.echo(f"error: training diverged: {error}; lower train.lr or raise train.warmup_steps, "
+                   "then rerun (a changed config starts a fresh run)", err=True)
+        raise typer.Exit(code=1) from None
+    except KeyboardInterrupt:
+        typer.echo("error: training interrupted; rerun the same command to resume from the last training state",
+                   err=True)
+        raise typer.Exit(code=130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    """Turn SIGTERM (sent by torchrun, DVC or a scheduler) into KeyboardInterrupt, so the MLflow run is closed."""
+    raise KeyboardInterrupt
 
 
 @app.command()

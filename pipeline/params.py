@@ -93,6 +93,8 @@ class TrainParams(Section):
     weight_decay: float = Field(0.1, ge=0, allow_inf_nan=False)
     grad_clip: float = Field(1.0, gt=0, allow_inf_nan=False)
     log_every: int = Field(25, gt=0)
+    checkpoint_every: int = Field(100, ge=0)
+    device: Literal["cpu", "cuda"] = "cpu"
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainParams:
@@ -186,6 +188,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = read_yaml(path)
     except YAMLError as error:
         raise ParamsError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    except UnicodeDecodeError as error:
+        raise ParamsError(f"{path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                          f"{error.start}): save it as UTF-8 YAML") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -23,6 +23,10 @@ ARTIFACT_DIR = "mlruns"
 
 
 class Tracker(Protocol):
+    run_id: str | None
+
+    def max_logged_step(self, key: str) -> int: ...
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
 
     def log_artifact(self, path: Path) -> None: ...
@@ -58,8 +62,13 @@ def git_commit(root: Path) -> str:
 class NullTracker:
     """A tracker that records nothing, for `tracking.enabled: false`."""
 
+    run_id: str | None = None
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         pass
+
+    def max_logged_step(self, key: str) -> int:
+        return 0
 
     def log_artifact(self, path: Path) -> None:
         pass
@@ -83,6 +92,10 @@ class MlflowTracker:
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
+    def max_logged_step(self, key: str) -> int:
+        """Return the largest step logged for metric `key` in this run, 0 when none."""
+        return max((metric.step for metric in self.client.get_metric_history(self.run_id, key)), default=0)
+
 
 def _experiment_id(client: Any, name: str, root: Path) -> str:
     from mlflow.exceptions import MlflowException
@@ -102,8 +115,12 @@ def _experiment_id(client: Any, name: str, root: Path) -> str:
 
 @contextmanager
 def tracked_run(enabled: bool, experiment: str, run_name: str, tags: dict[str, str],
-                params: dict[str, Any]) -> Iterator[Tracker]:
-    """Open an MLflow run (or a NullTracker); mark it FAILED if the body raises."""
+                params: dict[str, Any], resume_run_id: str | None = None) -> Iterator[Tracker]:
+    """Open an MLflow run (or a NullTracker); mark it FAILED, or KILLED on an interrupt, if the body raises.
+
+    With `resume_run_id`, the run of an earlier, interrupted attempt is reopened instead
+    of creating a new one, when the store still has it in this experiment.
+    """
     if not enabled:
         yield NullTracker()
         return
@@ -117,17 +134,60 @@ def tracked_run(enabled: bool, experiment: str, run_name: str, tags: dict[str, s
         "git.commit": git_commit(root),
         **tags,
     }
-    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
-    run_id = run.info.run_id
+    run_id = _reopen_run(client, resume_run_id, experiment_id, all_tags, params) if resume_run_id else None
+    if run_id is None:
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        _log_params(client, run_id, params)
+    logger.info("MLflow run %s (%s) in %s", run_id, run_name, tracking_uri(root))
+    try:
+        yield MlflowTracker(client, run_id)
+    except KeyboardInterrupt:
+        _end_with_reason(client, run_id, "KILLED", "interrupted by SIGINT or SIGTERM")
+        raise
+    except BaseException as error:
+        _end_with_reason(client, run_id, "FAILED", f"{type(error).__name__}: {error}")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
     items = [Param(key, str(value)) for key, value in sorted(params.items())]
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=items[start:start + 100])
-    logger.info("MLflow run %s (%s) in %s", run_id, run_name, tracking_uri(root))
+
+
+def _reopen_run(client: Any, run_id: str, experiment_id: str, tags: dict[str, str],
+                params: dict[str, Any]) -> str | None:
+    """Set run `run_id` back to RUNNING and return its id; None when the store lacks it.
+
+    MLflow rejects a param logged again with another value, so only params the run lacks
+    are logged. A changed value stays as first logged, with a warning.
+    """
+    from mlflow.exceptions import MlflowException
+
     try:
-        yield MlflowTracker(client, run_id)
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id, status="FINISHED")
+        run = client.get_run(run_id)
+    except MlflowException:
+        logger.warning("MLflow run %s of the interrupted attempt is not in the store; starting a new run", run_id)
+        return None
+    if run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
+        logger.warning("MLflow run %s is deleted or in another experiment; starting a new run", run_id)
+        return None
+    client.update_run(run_id, status="RUNNING")
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.set_tag(run_id, "resumed", "true")
+    logged = run.data.params
+    for key in sorted(key for key in params if key in logged and logged[key] != str(params[key])):
+        logger.warning("param %s was %s in MLflow run %s and is %s now; MLflow keeps the first value",
+                       key, logged[key], run_id, params[key])
+    _log_params(client, run_id, {key: value for key, value in params.items() if key not in logged})
+    return run_id
+
+
+def _end_with_reason(client: Any, run_id: str, status: str, reason: str) -> None:
+    """Record why the run ended in the tag `failure.reason`, then terminate it with `status`."""
+    client.set_tag(run_id, "failure.reason", reason[:5000])  # MLflow caps tag values at 8000 characters.
+    client.set_terminated(run_id, status=status)

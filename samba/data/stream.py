@@ -14,9 +14,15 @@ class TrainStream:
     "batchify"). Window w of an epoch is columns [w * seq_len, (w + 1) * seq_len] of every
     row, which is seq_len inputs plus the one extra token the targets need. Consecutive
     steps continue each row's text. The tail that does not fill a full row or window is unused.
+
+    For data-parallel training, `batch_size` is the global batch and rank r of `world_size`
+    processes keeps rows [r * local, (r + 1) * local) with local = batch_size / world_size, its
+    own contiguous shard of the stream. The ranks' batches stacked in rank order give the
+    single-process batch.
     """
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int) -> None:
+    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, *, rank: int = 0,
+                 world_size: int = 1) -> None:
         if ids.dim() != 1:
             raise ValueError(f"ids must be a 1-D token stream, got shape {tuple(ids.shape)}")
         if batch_size < 1 or seq_len < 1:
@@ -29,9 +35,18 @@ class TrainStream:
                 f"rows of seq_len={seq_len} tokens plus one target each (needs {batch_size * (seq_len + 1)}): "
                 "lower batch_size or seq_len, or use more text"
             )
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank} and world_size={world_size}")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size={batch_size} does not split evenly over {world_size} processes: "
+                             f"use a multiple of {world_size}")
         self.batch_size = batch_size
+        self.local_batch_size = batch_size // world_size
         self.seq_len = seq_len
-        self._rows = ids[: batch_size * row_len].long().reshape(batch_size, row_len)  # (batch, row_len)
+        first = rank * self.local_batch_size
+        rows = ids[: batch_size * row_len].long().reshape(batch_size, row_len)  # (batch, row_len)
+        # A copy of the shard only, so a rank does not keep the other ranks' rows alive.
+        self._rows = rows if world_size == 1 else rows[first:first + self.local_batch_size].clone()
         self._windows = windows
 
     @property
@@ -45,7 +60,7 @@ class TrainStream:
         return step // self._windows
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (inputs, targets) for `step`, each (batch, seq_len) int64, targets shifted by one token."""
+        """Return (inputs, targets) for `step`, each (local batch, seq_len) int64, targets shifted by one token."""
         _check_step(step)
         start = (step % self._windows) * self.seq_len
         window = self._rows[:, start:start + self.seq_len + 1]

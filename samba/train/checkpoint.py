@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -25,15 +26,32 @@ class CheckpointError(ValueError):
     """A checkpoint folder that is missing, incomplete or does not match its config."""
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Write `path` through `write(temp_name)`, so a crash at any moment leaves the old file or the new one.
+
+    The temporary file sits in the same folder, is flushed to disk with fsync and then
+    renamed over `path` (os.replace is atomic on POSIX and Windows). The folder is synced
+    too, so the rename itself survives a power loss on POSIX file systems.
+    """
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)
     try:
         write(temp_name)
+        _fsync(temp_name, os.O_RDONLY)
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+    if os.name == "posix":
+        _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync(path: str | Path, flags: int) -> None:
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def save_checkpoint(folder: Path, model: nn.Module, kind: str, mamba: MambaConfig,
@@ -46,9 +64,9 @@ def save_checkpoint(folder: Path, model: nn.Module, kind: str, mamba: MambaConfi
         "readout": readout.to_dict() if readout is not None else None,
         **(extra or {}),
     }
-    _write_atomically(folder / WEIGHTS_FILE, lambda name: save_model(model, name))
+    write_atomically(folder / WEIGHTS_FILE, lambda name: save_model(model, name))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _write_atomically(folder / CONFIG_FILE, lambda name: Path(name).write_text(text, encoding="utf-8"))
+    write_atomically(folder / CONFIG_FILE, lambda name: Path(name).write_text(text, encoding="utf-8"))
 
 
 def read_checkpoint_config(folder: Path) -> dict:
