@@ -12,7 +12,7 @@ from conftest import run, write_params
 from pipeline.cli import app
 from pipeline.params import load_params
 from pipeline.stages.tokenize import TOKENIZER_FILE, run_tokenize
-from pipeline.stages.train import run_train
+from pipeline.stages.train import TrainOutputs, run_train
 from samba.generate import generate, sample_next
 
 runner = CliRunner()
@@ -28,8 +28,9 @@ def trained(tmp_path_factory, ptb_dir: Path) -> dict[str, Path]:
     paths = {"tokens": root / "tokens"}
     for kind in ("baseline", "samba"):
         paths[kind] = root / "models" / kind
-        run_train(params, kind, root / "tokens", paths[kind], metrics_path=root / f"train_{kind}.json",
-                  timing_path=root / f"timing_{kind}.json", curve_path=root / f"train_{kind}.csv")
+        outputs = TrainOutputs(checkpoint=paths[kind], metrics=root / f"train_{kind}.json",
+                               timing=root / f"timing_{kind}.json", curve=root / f"train_{kind}.csv")
+        run_train(params, kind, root / "tokens", outputs, checkpoint_dir=root / "state" / kind)
     return paths
 
 
