@@ -15,6 +15,7 @@ import typer
 
 from pipeline.errors import StageError
 from pipeline.params import Params, ParamsError, load_params
+from pipeline.workspace import check_params_unchanged
 from samba.data.corpus import CorpusError
 from samba.train.checkpoint import CheckpointError
 
@@ -52,6 +53,21 @@ def _load(params_path: Path) -> Params:
     return load_params(params_path)
 
 
+def _run_stage(params_path: Path, stage: Callable[[Params], T]) -> T:
+    """Run a stage on params.yaml as loaded once, and fail if the file changed while it ran.
+
+    Failing (exit status 2) keeps DVC from writing dvc.lock with values the outputs never used.
+    """
+
+    def action() -> T:
+        params = _load(params_path)
+        result = stage(params)
+        check_params_unchanged(params_path, params)
+        return result
+
+    return _run(action)
+
+
 @app.command()
 def tokenize(
     params: ParamsOption = Path("params.yaml"),
@@ -61,7 +77,7 @@ def tokenize(
     """Load the corpus (params `data`), train the tokenizer on train and save token ids."""
     from pipeline.stages.tokenize import run_tokenize
 
-    _run(lambda: run_tokenize(_load(params), out))
+    _run_stage(params, lambda loaded: run_tokenize(loaded, out))
 
 
 @app.command()
@@ -76,8 +92,8 @@ def train(
     """Train one model for `train.steps` optimizer steps and save a safetensors checkpoint."""
     from pipeline.stages.train import run_train
 
-    _run(lambda: run_train(
-        _load(params), kind, tokens, out or Path("models") / kind,
+    _run_stage(params, lambda loaded: run_train(
+        loaded, kind, tokens, out or Path("models") / kind,
         metrics_path=metrics_dir / f"train_{kind}.json",
         timing_path=metrics_dir / f"timing_{kind}.json",
         curve_path=plots_dir / f"train_{kind}.csv",
@@ -95,21 +111,36 @@ def evaluate(
     """Measure perplexity (per token and per word), readout accuracy and state sparsity on valid and test."""
     from pipeline.stages.evaluate import run_evaluate
 
-    _run(lambda: run_evaluate(_load(params), tokens, baseline, samba, out))
+    _run_stage(params, lambda loaded: run_evaluate(loaded, tokens, baseline, samba, out))
 
 
 @app.command()
 def report(
     metrics_dir: MetricsDirOption = Path("metrics"),
     plots_dir: PlotsDirOption = Path("plots"),
-    out: Annotated[Path, typer.Option(help="Folder for report.md and its PNG plots.")] = Path("reports"),
+    out: Annotated[Path | None, typer.Option(
+        help="Output folder [default: reports, or experiments with --experiments].")] = None,
+    experiments: Annotated[bool, typer.Option(
+        "--experiments", help="Compare all DVC experiments and commits of the repository instead of one run: "
+        "a table, a perplexity-vs-sparsity Pareto plot and alpha x lambda heat maps.")] = False,
+    split: Annotated[Literal["valid", "test"], typer.Option(
+        help="Split that --experiments compares on.")] = "valid",
 ) -> None:
-    """Write reports/report.md: the comparison table, headline numbers and plots."""
+    """Write reports/report.md (this run: both models, headline numbers, plots), or with --experiments
+    experiments/experiments.md comparing every experiment."""
     from pipeline.stages.report import ReportInputError, write_report
 
     def action() -> Path:
+        if experiments:
+            from pipeline.stages.aggregate import AggregateError, write_aggregate_report
+            from pipeline.workspace import workspace_root
+
+            try:
+                return write_aggregate_report(workspace_root(), out or Path("experiments"), split)
+            except AggregateError as error:
+                raise StageError(str(error)) from None
         try:
-            return write_report(metrics_dir, plots_dir, out)
+            return write_report(metrics_dir, plots_dir, out or Path("reports"))
         except ReportInputError as error:
             raise StageError(str(error)) from None
 

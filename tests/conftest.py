@@ -82,7 +82,7 @@ def tiny_project(tmp_path: Path, ptb_dir: Path) -> Path:
             shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(source, project / name)
-    (project / ".gitignore").write_text("/mlflow.db\n/mlruns/\n__pycache__/\n", encoding="utf-8")
+    (project / ".gitignore").write_text("/mlflow.db*\n/mlruns/\n__pycache__/\n", encoding="utf-8")
     write_params(project / "params.yaml", ptb_dir)
     run(["git", "init", "-q", "-b", "main"], project)
     run(["dvc", "init", "-q"], project)
