@@ -1,8 +1,8 @@
 """Checks that keep a stage's DVC record true: inputs tracked by git or DVC, params unchanged.
 
 `dvc exp run --temp` and queued experiments run in a temporary copy of the repository that
-holds only what git or DVC tracks, so a stage input that neither tracks would be missing there,
-or would be read from the parent repository's unversioned copy. And DVC writes a stage's
+contains only what git or DVC tracks. A stage input that neither tracks is missing there, or is
+read from the parent repository's unversioned copy. And DVC writes a stage's
 params into dvc.lock after the stage ends, reading params.yaml again at that moment, so an
 edit made while the stage ran would be recorded for outputs that never used it.
 """
@@ -129,7 +129,7 @@ def _selected(flat: dict, keys: list[str] | None) -> dict:
 
 
 def check_params_unchanged(params_path: Path, used: Params) -> None:
-    """Raise StageError if params.yaml no longer holds the values this DVC stage ran with.
+    """Raise StageError if params.yaml no longer contains the values this DVC stage ran with.
 
     Runs only under DVC (which sets DVC_STAGE), and compares the keys that dvc.yaml lists for the
     stage, the ones dvc.lock records; all keys when dvc.yaml cannot be read.

@@ -38,7 +38,7 @@ def tool_env() -> dict[str, str]:
     """Return an environment whose PATH finds this interpreter's `samba` and `dvc` scripts."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    for name in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_URI"):
+    for name in ("DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
     env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "Samba Tests"
     env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "tests@example.invalid"

@@ -144,13 +144,15 @@ def collect_results(show: list[dict]) -> Collected:
         kept = seen.get(key)
         if kept is None or _SOURCE_ORDER[source] < _SOURCE_ORDER[kept.source]:
             seen[key] = result
-    collected.results = sorted(seen.values(), key=_sort_key)
+    keys = sweep_keys(list(seen.values()))
+
+    def order(result: ExperimentResult) -> tuple:
+        groups = tuple(str(result.params.get(key)) for key in keys)
+        alpha, lam = result.params.get(ALPHA), result.params.get(LAMBDA)
+        return (*groups, float(alpha or 0.0), float(lam or 0.0), result.name)
+
+    collected.results = sorted(seen.values(), key=order)
     return collected
-
-
-def _sort_key(result: ExperimentResult) -> tuple:
-    sweep = tuple(str(result.params.get(key)) for key in sweep_keys([result]))
-    return (*sweep, float(result.params.get(ALPHA) or 0.0), float(result.params.get(LAMBDA) or 0.0), result.name)
 
 
 def sweep_keys(results: list[ExperimentResult]) -> list[str]:
