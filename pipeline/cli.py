@@ -16,6 +16,7 @@ import typer
 
 from pipeline.errors import StageError
 from pipeline.params import Params, ParamsError, load_params
+from pipeline.workspace import check_params_unchanged
 from samba.data.corpus import CorpusError
 from samba.train.checkpoint import CheckpointError
 
@@ -57,6 +58,21 @@ def _load(params_path: Path) -> Params:
     return load_params(params_path)
 
 
+def _run_stage(params_path: Path, stage: Callable[[Params], T]) -> T:
+    """Run a stage on params.yaml as loaded once, and fail if the file changed while it ran.
+
+    Failing (exit status 2) keeps DVC from writing dvc.lock with values the outputs never used.
+    """
+
+    def action() -> T:
+        params = _load(params_path)
+        result = stage(params)
+        check_params_unchanged(params_path, params)
+        return result
+
+    return _run(action)
+
+
 @app.command()
 def tokenize(
     params: ParamsOption = Path("params.yaml"),
@@ -66,7 +82,7 @@ def tokenize(
     """Load the corpus (params `data`), train the tokenizer on train and save token ids."""
     from pipeline.stages.tokenize import run_tokenize
 
-    _run(lambda: run_tokenize(_load(params), out))
+    _run_stage(params, lambda loaded: run_tokenize(loaded, out))
 
 
 @app.command()
@@ -105,13 +121,13 @@ def train(
         curve=plots_dir / f"train_{kind}.csv",
     )
 
-    def action() -> None:
-        run_train(_load(params), kind, tokens, outputs, checkpoint_dir=checkpoint_dir, resume_run=resume,
+    def stage(loaded: Params) -> None:
+        run_train(loaded, kind, tokens, outputs, checkpoint_dir=checkpoint_dir, resume_run=resume,
                   check_memory=memory_check)
 
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        _run(action)
+        _run_stage(params, stage)
     except NonFiniteLossError as error:
         typer.echo(f"error: training diverged: {error}; lower train.lr or raise train.warmup_steps, "
                    "then rerun (a changed config starts a fresh run)", err=True)
@@ -140,7 +156,7 @@ def evaluate(
     """Measure perplexity (per token and per word), readout accuracy and state sparsity on valid and test."""
     from pipeline.stages.evaluate import run_evaluate
 
-    _run(lambda: run_evaluate(_load(params), tokens, baseline, samba, out))
+    _run_stage(params, lambda loaded: run_evaluate(loaded, tokens, baseline, samba, out))
 
 
 @app.command()
@@ -167,14 +183,29 @@ def generate(
 def report(
     metrics_dir: MetricsDirOption = Path("metrics"),
     plots_dir: PlotsDirOption = Path("plots"),
-    out: Annotated[Path, typer.Option(help="Folder for report.md and its PNG plots.")] = Path("reports"),
+    out: Annotated[Path | None, typer.Option(
+        help="Output folder [default: reports, or experiments with --experiments].")] = None,
+    experiments: Annotated[bool, typer.Option(
+        "--experiments", help="Compare all DVC experiments and commits of the repository instead of one run: "
+        "a table, a perplexity-vs-sparsity Pareto plot and alpha x lambda heat maps.")] = False,
+    split: Annotated[Literal["valid", "test"], typer.Option(
+        help="Split that --experiments compares on.")] = "valid",
 ) -> None:
-    """Write reports/report.md: the comparison table, headline numbers and plots."""
+    """Write reports/report.md (this run: both models, headline numbers, plots), or with --experiments
+    experiments/experiments.md comparing every experiment."""
     from pipeline.stages.report import ReportInputError, write_report
 
     def action() -> Path:
+        if experiments:
+            from pipeline.stages.aggregate import AggregateError, write_aggregate_report
+            from pipeline.workspace import workspace_root
+
+            try:
+                return write_aggregate_report(workspace_root(), out or Path("experiments"), split)
+            except AggregateError as error:
+                raise StageError(str(error)) from None
         try:
-            return write_report(metrics_dir, plots_dir, out)
+            return write_report(metrics_dir, plots_dir, out or Path("reports"))
         except ReportInputError as error:
             raise StageError(str(error)) from None
 

@@ -38,7 +38,7 @@ def tool_env() -> dict[str, str]:
     """Return an environment whose PATH finds this interpreter's `samba` and `dvc` scripts."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    for name in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_URI"):
+    for name in ("DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
     env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "Samba Tests"
     env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "tests@example.invalid"
@@ -82,7 +82,7 @@ def tiny_project(tmp_path: Path, ptb_dir: Path) -> Path:
             shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(source, project / name)
-    (project / ".gitignore").write_text("/mlflow.db\n/mlruns/\n__pycache__/\n", encoding="utf-8")
+    (project / ".gitignore").write_text("/mlflow.db*\n/mlruns/\n__pycache__/\n", encoding="utf-8")
     write_params(project / "params.yaml", ptb_dir)
     run(["git", "init", "-q", "-b", "main"], project)
     run(["dvc", "init", "-q"], project)

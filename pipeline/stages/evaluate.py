@@ -59,7 +59,10 @@ def evaluate_checkpoint(params: Params, kind: str, folder: Path, ids: dict, meta
                 relative_threshold=params.eval.relative_threshold,
                 absolute_threshold=params.eval.absolute_threshold,
             )
-            tracker.log_metrics(_flat_metrics(split, results[split]))
+            flat = _flat_metrics(split, results[split])
+            tracker.log_metrics(flat)
+            # The experiment's parent run gets both models' numbers, so one row compares a sweep point.
+            tracker.log_experiment_metrics({f"{kind}.{key}": value for key, value in flat.items()})
     return results
 
 

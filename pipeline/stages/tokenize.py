@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import StageError
 from pipeline.params import Params
-from pipeline.tracking import project_root
+from pipeline.workspace import check_tracked_inputs, workspace_root
 from samba.data.corpus import SPLITS, HubUnreachableError, load_hub_corpus, load_local_corpus, make_synthetic_corpus
 from samba.data.tokenizer import EOS, encode_rows, train_tokenizer
 
@@ -26,9 +26,13 @@ META_FILE = "meta.json"
 
 
 def resolve_local_dir(local_dir: str) -> Path:
-    """Resolve a relative data.local_dir against the project root, not the working directory."""
+    """Resolve a relative data.local_dir against the workspace root, not the working directory.
+
+    For a queued or `--temp` experiment that is the temporary workspace, which holds the version
+    of the data that the experiment's commit tracks.
+    """
     path = Path(local_dir).expanduser()
-    return path if path.is_absolute() else project_root() / path
+    return path if path.is_absolute() else workspace_root() / path
 
 
 def load_corpus(params: Params) -> tuple[dict[str, list[str]], str]:
@@ -40,6 +44,7 @@ def load_corpus(params: Params) -> tuple[dict[str, list[str]], str]:
         return corpus, f"synthetic corpus (seed {data.synthetic_seed}, {sentences} train sentences)"
     if data.source == "local":
         folder = resolve_local_dir(data.local_dir)
+        check_tracked_inputs([folder / f"{split}.txt" for split in SPLITS], "data.local_dir")
         return load_local_corpus(folder), f"local folder {data.local_dir}"
     try:
         return load_hub_corpus(data.hub_name, data.hub_config), f"Hugging Face Hub {data.hub_name}/{data.hub_config}"
