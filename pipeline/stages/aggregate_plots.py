@@ -123,5 +123,5 @@ def plot_heatmaps(results: list[ExperimentResult], split: Split, path: Path) -> 
             # Reversed colormap for perplexity, so in both panels a brighter cell is better.
             _heatmap(ppl_axes, ppl, alphas, lambdas, f"Samba perplexity ({split}); {label}", "viridis_r", ".1f")
             _heatmap(sparsity_axes, sparsity, alphas, lambdas, f"near-zero states (%), {split}; {label}",
-                     "viridis", ".1f")
+                     "viridis", ".2f")
         _save(figure, path)
