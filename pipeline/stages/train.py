@@ -14,6 +14,7 @@ from pipeline.stages.tokenize import load_tokens
 from pipeline.tracking import tracked_run
 from samba.data.stream import TrainStream
 from samba.model import build_model
+from samba.sparsity import install_for_training
 from samba.train.checkpoint import save_checkpoint
 from samba.train.trainer import StepRecord, TrainConfig, seed_everything, train
 
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 ModelKind = Literal["baseline", "samba"]
 BASELINE_SECTIONS = ("data", "tokenizer", "model", "train")
-SAMBA_SECTIONS = (*BASELINE_SECTIONS, "readout", "loss")
+SAMBA_SECTIONS = (*BASELINE_SECTIONS, "readout", "loss", "sparsity")
 
 
 def stage_params(params: Params, sections: tuple[str, ...]) -> dict:
@@ -56,6 +57,9 @@ def run_train(params: Params, kind: ModelKind, tokens_dir: Path, out_dir: Path, 
     mamba = params.model.mamba_config(meta["vocab_size"])
     readout = params.readout.readout_config() if kind == "samba" else None
     model = build_model(kind, mamba, readout)
+    sparsity = params.sparsity.sparsity_config() if kind == "samba" else None
+    if sparsity is not None:
+        install_for_training(model, sparsity)
     try:
         stream = TrainStream(ids["train"], train_params.batch_size, train_params.seq_len)
     except ValueError as error:
@@ -66,6 +70,7 @@ def run_train(params: Params, kind: ModelKind, tokens_dir: Path, out_dir: Path, 
         grad_clip=train_params.grad_clip, log_every=train_params.log_every,
         readout_weight=params.loss.readout_weight if kind == "samba" else 0.0,
         pruning_weight=params.loss.pruning_weight if kind == "samba" else 0.0,
+        penalty=params.sparsity.penalty,
     )
     n_params = model.num_parameters()
     logger.info("training %s: %d parameters, %d steps of %d x %d tokens", kind, n_params, config.steps,
@@ -83,7 +88,8 @@ def run_train(params: Params, kind: ModelKind, tokens_dir: Path, out_dir: Path, 
 
         summary = train(model, stream, config, on_log=on_log)
         save_checkpoint(out_dir, model, kind, mamba, readout,
-                        extra={"tokenizer_sha256": meta["tokenizer_sha256"], "steps": summary.steps})
+                        extra={"tokenizer_sha256": meta["tokenizer_sha256"], "steps": summary.steps,
+                               "sparsity": sparsity.to_dict() if sparsity is not None else None})
         metrics = {"kind": kind, "steps": summary.steps, "tokens": summary.tokens, "parameters": n_params,
                    "final": summary.final}
         timing = {"train_seconds": round(summary.seconds, 3), "tokens_per_s": round(summary.tokens_per_s, 1)}

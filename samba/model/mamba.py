@@ -61,6 +61,9 @@ class MambaBlock(nn.Module):
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
         self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=False)
+        # Enforced zeros on the states or on out_proj's input (samba.sparsity.install sets them).
+        self.state_sparsifier: nn.Module | None = None
+        self.inner_sparsifier: nn.Module | None = None
 
         # S4D-real initialisation: A = -(1, 2, ..., d_state) for every channel.
         A = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
@@ -124,11 +127,20 @@ class MambaBlock(nn.Module):
         # 4. Selective scan with A = -exp(A_log) < 0, which keeps every exp(delta * A) in (0, 1).
         # The scan adds the skip term D * x.
         A = -torch.exp(self.A_log.float())
-        scan = selective_scan(x, delta, A, B, C, self.D, return_states=return_states)
+        sparse_states = self.state_sparsifier is not None
+        scan = selective_scan(x, delta, A, B, C, self.D, return_states=return_states or sparse_states)
+        y, states = scan.y, scan.states
+        if sparse_states:
+            # y_t = C_t . h_t + D x_t from the zeroed states; the recurrence keeps the dense
+            # ones (samba/sparsity/sparsifier.py gives the reason).
+            states = self.state_sparsifier(states)
+            y = torch.einsum("bldn,bln->bld", states, C.to(states.dtype)).to(x.dtype) + self.D * x
 
         # 5. Gate with SiLU(z) and project back to d_model.
-        y = scan.y * F.silu(z)
-        return self.out_proj(y), scan.states
+        y = y * F.silu(z)
+        if self.inner_sparsifier is not None:
+            y = self.inner_sparsifier(y)
+        return self.out_proj(y), states if return_states else None
 
 
 class ResidualBlock(nn.Module):
@@ -138,10 +150,14 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.mixer = MambaBlock(config)
+        self.output_sparsifier: nn.Module | None = None  # enforced zeros on the block output
 
     def forward(self, hidden: Tensor, return_states: bool = False) -> tuple[Tensor, Tensor | None]:
         mixed, states = self.mixer(self.norm(hidden), return_states=return_states)
-        return hidden + mixed, states
+        hidden = hidden + mixed
+        if self.output_sparsifier is not None:
+            hidden = self.output_sparsifier(hidden)
+        return hidden, states
 
 
 class MambaLM(nn.Module):

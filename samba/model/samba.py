@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from samba.model.config import SambaConfig
 from samba.model.mamba import MambaLM
 from samba.model.output import LMOutput
+from samba.sparsity.sparsifier import record_sites
 
 
 class StateReadout(nn.Module):
@@ -73,8 +74,10 @@ class SambaLM(nn.Module):
 
     def forward(self, input_ids: Tensor) -> LMOutput:
         """Compute main logits, states and readout logits for input_ids (batch, length)."""
-        output = self.backbone(input_ids, return_states=True)
+        with record_sites(self.backbone) as site_values:
+            output = self.backbone(input_ids, return_states=True)
         output.readout_logits = self.readout(output.states)
+        output.site_values = site_values or None
         return output
 
     def num_parameters(self) -> int:

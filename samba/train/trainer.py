@@ -33,6 +33,7 @@ class TrainConfig:
     log_every: int
     readout_weight: float = 0.0
     pruning_weight: float = 0.0
+    penalty: str = "l1"  # samba.loss.penalty kind: l1 or l1_rms
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def train(model: nn.Module, stream: TrainStream, config: TrainConfig,
         inputs, targets = stream.batch(step)
         output = model(inputs)
         parts = compute_loss(output, targets, readout_weight=config.readout_weight,
-                             pruning_weight=config.pruning_weight)
+                             pruning_weight=config.pruning_weight, penalty_kind=config.penalty)
         values = _loss_values(parts)
         if not all(math.isfinite(value) for value in values.values()):
             raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {values}")
