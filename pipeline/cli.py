@@ -99,6 +99,26 @@ def evaluate(
 
 
 @app.command()
+def generate(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder written by `samba train`.")]
+    = Path("models/baseline"),
+    tokens: TokensOption = Path("data/tokens"),
+    prompt: Annotated[str, typer.Option(help="Text to continue; an empty prompt starts a new sentence.")] = "",
+    n_tokens: Annotated[int, typer.Option("--n-tokens", help="Number of tokens to generate.")] = 50,
+    temperature: Annotated[float, typer.Option(help="Divisor of the logits before sampling, > 0; "
+                                                    "lower values pick likely tokens more often.")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample from the k most likely tokens only; "
+                                                       "0 samples from the whole vocabulary.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler: the same seed gives the same text.")] = 0,
+) -> None:
+    """Print text sampled from a trained checkpoint, continuing the prompt."""
+    from pipeline.stages.generate import run_generate
+
+    text = _run(lambda: run_generate(checkpoint, tokens, prompt, n_tokens, temperature, top_k, seed))
+    typer.echo(text)
+
+
+@app.command()
 def report(
     metrics_dir: MetricsDirOption = Path("metrics"),
     plots_dir: PlotsDirOption = Path("plots"),

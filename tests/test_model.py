@@ -296,3 +296,43 @@ def test_forward_is_deterministic(kind: str) -> None:
         assert (states - states_other).abs().max().item() == 0.0
     if kind == "samba":
         assert (first.readout_logits - other.readout_logits).abs().max().item() == 0.0
+
+
+def test_fused_conv_silu_matches_autograd() -> None:
+    from samba.model.fused import CausalConvSiLU, causal_conv
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(CausalConvSiLU.apply, (x, weight, bias))
+    fused = CausalConvSiLU.apply(x, weight, bias)
+    plain = torch.nn.functional.silu(causal_conv(x, weight, bias))
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(fused.square().sum(), (x, weight, bias))
+    grads_plain = torch.autograd.grad(plain.square().sum(), (x, weight, bias))
+    for grad, grad_plain in zip(grads, grads_plain):
+        torch.testing.assert_close(grad, grad_plain, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_softplus_and_gate_match_autograd() -> None:
+    from samba.model.fused import SiLUGate, SoftplusFromOutput
+
+    generator = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 7, generator=generator, dtype=torch.float64) * 10).requires_grad_()
+    y = torch.randn(3, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SoftplusFromOutput.apply, (x,))
+    assert torch.autograd.gradcheck(SiLUGate.apply, (y, x))
+    torch.testing.assert_close(SoftplusFromOutput.apply(x), torch.nn.functional.softplus(x), rtol=0, atol=0)
+    torch.testing.assert_close(SiLUGate.apply(y, x), y * torch.nn.functional.silu(x), rtol=0, atol=0)
+
+
+def test_fused_rms_norm_matches_autograd() -> None:
+    from samba.model.fused import RMSNormFunction
+
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, weight: RMSNormFunction.apply(x, weight, 1e-5), (x, weight))
+    plain = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-5) * weight
+    torch.testing.assert_close(RMSNormFunction.apply(x, weight, 1e-5), plain, rtol=1e-14, atol=1e-14)

@@ -239,3 +239,16 @@ def test_evaluate_inner_topk_measures_enforced_zeros():
 def test_sparsity_config_rejects_bad_site():
     with pytest.raises(ValueError, match="site must be one of"):
         SparsityConfig(site="embedding")
+
+
+@pytest.mark.parametrize("site", list(SITE_READERS))
+def test_step_matches_forward_with_zeros(site):
+    model = tiny_samba(dtype=torch.float64)
+    install(model, site, "topk", target=0.75)
+    ids = random_ids(batch=1, length=6)
+    full = model(ids)
+    cache = model.new_cache()
+    for position in range(ids.shape[1]):
+        stepped = model.step(ids[:, position], cache)
+        torch.testing.assert_close(stepped.logits, full.logits[:, position])
+        torch.testing.assert_close(stepped.readout_logits, full.readout_logits[:, position])

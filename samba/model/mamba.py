@@ -15,9 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from samba.model.backend import kernel_for
+from samba.model.cache import InferenceCache, LayerCache
 from samba.model.config import MambaConfig
+from samba.model.fused import causal_conv, causal_conv_silu, rms_norm, silu_gate, softplus_from_output
 from samba.model.output import LMOutput
 from samba.model.scan import selective_scan
+from samba.model.scan_cuda import fused_causal_conv
 
 
 def _exclude_from_weight_decay(parameter: nn.Parameter | None) -> None:
@@ -35,10 +39,8 @@ class RMSNorm(nn.Module):
         _exclude_from_weight_decay(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 at least, because the mean of squares underflows in half types.
-        x_float = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        normed = x_float * torch.rsqrt(x_float.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        # Normalises in float32 at least, because the mean of squares underflows in half types.
+        return rms_norm(x, self.weight, self.eps)
 
 
 class MambaBlock(nn.Module):
@@ -98,49 +100,112 @@ class MambaBlock(nn.Module):
             self.dt_proj.weight.uniform_(-bound, bound)
             self.dt_proj.bias.copy_(inverse_softplus_dt)
 
-    def causal_conv(self, x: Tensor) -> Tensor:
-        """Apply the depthwise conv over time with d_conv - 1 zeros of left padding only.
+    def causal_conv(self, x: Tensor, window: Tensor | None = None) -> Tensor:
+        """Apply the depthwise conv over time, causally.
 
-        The output at position t depends on inputs t - d_conv + 1 .. t only.
-        x and the result are (batch, length, d_inner).
+        x and the result are (batch, length, d_inner). The output at position t depends on
+        inputs t - d_conv + 1 .. t only. The inputs before the first position come from
+        `window` (batch, d_conv, d_inner), the last d_conv inputs seen so far, or are
+        zeros when window is None.
         """
-        x = x.transpose(1, 2)  # (batch, d_inner, length), the layout Conv1d expects
-        x = F.pad(x, (self.d_conv - 1, 0))
-        return self.conv1d(x).transpose(1, 2)
+        history = window[:, 1:] if window is not None else None
+        return causal_conv(x, self.conv1d.weight[:, 0, :], self.conv1d.bias, history)
 
-    def forward(self, hidden: Tensor, return_states: bool = False) -> tuple[Tensor, Tensor | None]:
+    def _ssm_parameters(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return delta, A, B and C for the conv output x (..., d_inner).
+
+        delta and A are computed in float32 at least, also under autocast, because the
+        decays exp(delta * A) multiply over many positions.
+        """
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        compute_dtype = torch.promote_types(self.dt_proj.weight.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            weight, bias = self.dt_proj.weight.to(compute_dtype), self.dt_proj.bias.to(compute_dtype)
+            delta = softplus_from_output(F.linear(dt.to(compute_dtype), weight, bias))  # positive
+            A = -torch.exp(self.A_log.to(compute_dtype))
+        return delta, A, B, C
+
+    def forward(self, hidden: Tensor, return_states: bool = False,
+                cache: LayerCache | None = None) -> tuple[Tensor, Tensor | None]:
         """Mix hidden (batch, length, d_model) along time.
 
         Returns the output (batch, length, d_model) and, if return_states, every SSM
-        state h_t as (batch, length, d_inner, d_state), else None.
+        state h_t as (batch, length, d_inner, d_state), else None. With a cache, the
+        sequence continues from the cached conv window and SSM state, and the cache is
+        updated to the last position.
         """
         # 1. Project the input to the SSM branch x and the gate z, each (batch, length, d_inner).
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
 
         # 2. Causal depthwise convolution over time, then SiLU.
-        x = F.silu(self.causal_conv(x))
+        window = cache.conv_window if cache is not None else None
+        conv_input = x
+        if window is not None:
+            x = F.silu(self.causal_conv(x, window))
+        elif kernel_for(x) == "cuda":
+            x = fused_causal_conv(x, self.conv1d.weight, self.conv1d.bias)  # conv and SiLU in one kernel
+        else:
+            x = causal_conv_silu(x, self.conv1d.weight[:, 0, :], self.conv1d.bias)
 
         # 3. Selection: the step size delta and the matrices B and C depend on the input.
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(self.dt_proj(dt))  # (batch, length, d_inner), positive
-
         # 4. Selective scan with A = -exp(A_log) < 0, which keeps every exp(delta * A) in (0, 1).
         # The scan adds the skip term D * x.
-        A = -torch.exp(self.A_log.float())
+        delta, A, B, C = self._ssm_parameters(x)
+        h0 = cache.ssm_state if cache is not None else None
         sparse_states = self.state_sparsifier is not None
-        scan = selective_scan(x, delta, A, B, C, self.D, return_states=return_states or sparse_states)
+        scan = selective_scan(x, delta, A, B, C, self.D, h0=h0, return_states=return_states or sparse_states)
+        if cache is not None:
+            cache.conv_window = self._next_window(window, conv_input)
+            cache.ssm_state = scan.last_state
         y, states = scan.y, scan.states
         if sparse_states:
-            # y_t = C_t . h_t + D x_t from the zeroed states; the recurrence keeps the dense
-            # ones (samba/sparsity/sparsifier.py gives the reason).
+            # y_t = C_t . h_t + D x_t from the zeroed states; the recurrence and the cache keep
+            # the dense ones (samba/sparsity/sparsifier.py gives the reason).
             states = self.state_sparsifier(states)
-            y = torch.einsum("bldn,bln->bld", states, C.to(states.dtype)).to(x.dtype) + self.D * x
+            y = torch.einsum("bldn,bln->bld", states, C.to(states.dtype)).to(scan.y.dtype) + self.D * x
 
         # 5. Gate with SiLU(z) and project back to d_model.
-        y = y * F.silu(z)
+        y = silu_gate(y, z)
         if self.inner_sparsifier is not None:
             y = self.inner_sparsifier(y)
         return self.out_proj(y), states if return_states else None
+
+    def _next_window(self, window: Tensor | None, inputs: Tensor) -> Tensor:
+        """Return the last d_conv conv inputs after `inputs` (batch, length, d_inner) follow `window`."""
+        if window is None:
+            window = inputs.new_zeros(inputs.shape[0], self.d_conv, self.d_inner)
+        return torch.cat([window.to(inputs.dtype), inputs], dim=1)[:, -self.d_conv:]
+
+    def step(self, hidden: Tensor, cache: LayerCache) -> tuple[Tensor, Tensor]:
+        """Process one position: hidden (batch, d_model) -> output (batch, d_model) and h_t (batch, d_inner, d_state).
+
+        Runs the recurrence of `forward` for a single position and advances `cache`.
+        """
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # each (batch, d_inner)
+
+        window = self._next_window(cache.conv_window, x.unsqueeze(1))  # (batch, d_conv, d_inner)
+        cache.conv_window = window
+        weight = self.conv1d.weight[:, 0, :].transpose(0, 1)  # (d_conv, d_inner)
+        x = F.silu((window * weight).sum(dim=1) + self.conv1d.bias)
+
+        delta, A, B, C = self._ssm_parameters(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x_c, B, C = (tensor.to(delta.dtype) for tensor in (x, B, C))
+            decay = torch.exp(delta.unsqueeze(-1) * A)  # (batch, d_inner, d_state)
+            h = (delta * x_c).unsqueeze(-1) * B.unsqueeze(1)
+            if cache.ssm_state is not None:
+                h = h + decay * cache.ssm_state
+        cache.ssm_state = h
+        if self.state_sparsifier is not None:
+            # Zeros reach y and the returned states; the cache keeps the dense recurrence, as in forward.
+            h = self.state_sparsifier(h.unsqueeze(1)).squeeze(1)
+        with torch.autocast(x.device.type, enabled=False):
+            y = torch.einsum("bdn,bn->bd", h, C) + self.D * x_c
+
+        y = y.to(x.dtype) * F.silu(z)
+        if self.inner_sparsifier is not None:
+            y = self.inner_sparsifier(y)
+        return self.out_proj(y), h
 
 
 class ResidualBlock(nn.Module):
@@ -152,12 +217,20 @@ class ResidualBlock(nn.Module):
         self.mixer = MambaBlock(config)
         self.output_sparsifier: nn.Module | None = None  # enforced zeros on the block output
 
-    def forward(self, hidden: Tensor, return_states: bool = False) -> tuple[Tensor, Tensor | None]:
-        mixed, states = self.mixer(self.norm(hidden), return_states=return_states)
+    def forward(self, hidden: Tensor, return_states: bool = False,
+                cache: LayerCache | None = None) -> tuple[Tensor, Tensor | None]:
+        mixed, states = self.mixer(self.norm(hidden), return_states=return_states, cache=cache)
         hidden = hidden + mixed
         if self.output_sparsifier is not None:
             hidden = self.output_sparsifier(hidden)
         return hidden, states
+
+    def step(self, hidden: Tensor, cache: LayerCache) -> tuple[Tensor, Tensor]:
+        mixed, state = self.mixer.step(self.norm(hidden), cache)
+        hidden = hidden + mixed
+        if self.output_sparsifier is not None:
+            hidden = self.output_sparsifier(hidden)
+        return hidden, state
 
 
 class MambaLM(nn.Module):
@@ -175,22 +248,59 @@ class MambaLM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.embedding.weight
 
-    def forward(self, input_ids: Tensor, return_states: bool = False) -> LMOutput:
+    def forward(self, input_ids: Tensor, return_states: bool = False,
+                cache: InferenceCache | None = None) -> LMOutput:
         """Compute next-token logits for input_ids (batch, length).
 
         With return_states, the output also carries each layer's SSM states h_t,
-        one (batch, length, d_inner, d_state) tensor per layer.
+        one (batch, length, d_inner, d_state) tensor per layer. With a cache (see
+        `new_cache`), the sequence continues after the cached positions and the cache
+        advances past input_ids: this is the prefill of recurrent generation.
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        layer_caches = self._layer_caches(cache)
         hidden = self.embedding(input_ids)  # (batch, length, d_model)
         all_states: list[Tensor] = []
-        for layer in self.layers:
-            hidden, states = layer(hidden, return_states=return_states)
+        for layer, layer_cache in zip(self.layers, layer_caches):
+            hidden, states = layer(hidden, return_states=return_states, cache=layer_cache)
             if states is not None:
                 all_states.append(states)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
         logits = self.lm_head(self.norm_f(hidden))  # (batch, length, vocab_size)
         return LMOutput(logits=logits, states=all_states if return_states else None)
+
+    def step(self, input_ids: Tensor, cache: InferenceCache, return_states: bool = False) -> LMOutput:
+        """Compute the next-token logits (batch, vocab_size) for one token per sequence, input_ids (batch,).
+
+        Continues from `cache` and advances it by one position. The result equals the
+        logits at that position of one forward pass over the whole sequence. With
+        return_states, states holds each layer's h_t as (batch, d_inner, d_state).
+        """
+        if input_ids.ndim != 1:
+            raise ValueError(f"step input_ids must have shape (batch,), got {tuple(input_ids.shape)}")
+        layer_caches = self._layer_caches(cache)
+        hidden = self.embedding(input_ids)  # (batch, d_model)
+        all_states = []
+        for layer, layer_cache in zip(self.layers, layer_caches):
+            hidden, state = layer.step(hidden, layer_cache)
+            all_states.append(state)
+        cache.length += 1
+        logits = self.lm_head(self.norm_f(hidden))
+        return LMOutput(logits=logits, states=all_states if return_states else None)
+
+    def new_cache(self) -> InferenceCache:
+        """Return an empty inference cache for `forward(..., cache=)` and `step`."""
+        return InferenceCache.empty(len(self.layers))
+
+    def _layer_caches(self, cache: InferenceCache | None) -> list[LayerCache | None]:
+        if cache is None:
+            return [None] * len(self.layers)
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(f"the cache has {len(cache.layers)} layers but the model has {len(self.layers)}: "
+                             "create it with model.new_cache()")
+        return list(cache.layers)
 
     def num_parameters(self) -> int:
         """Count the parameters, the tied embedding and head weight once."""

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from samba.model.cache import InferenceCache
 from samba.model.config import SambaConfig
 from samba.model.mamba import MambaLM
 from samba.model.output import LMOutput
@@ -72,13 +73,31 @@ class SambaLM(nn.Module):
             vocab_size=mamba.vocab_size,
         )
 
-    def forward(self, input_ids: Tensor) -> LMOutput:
-        """Compute main logits, states and readout logits for input_ids (batch, length)."""
+    def forward(self, input_ids: Tensor, cache: InferenceCache | None = None) -> LMOutput:
+        """Compute main logits, states and readout logits for input_ids (batch, length).
+
+        With a cache, the sequence continues after the cached positions (see MambaLM.forward).
+        """
         with record_sites(self.backbone) as site_values:
-            output = self.backbone(input_ids, return_states=True)
+            output = self.backbone(input_ids, return_states=True, cache=cache)
         output.readout_logits = self.readout(output.states)
         output.site_values = site_values or None
         return output
+
+    def step(self, input_ids: Tensor, cache: InferenceCache) -> LMOutput:
+        """Compute main and readout logits (batch, vocab_size) for one token per sequence, input_ids (batch,).
+
+        states holds each layer's h_t as (batch, d_inner, d_state). Advances `cache` by one position.
+        """
+        output = self.backbone.step(input_ids, cache, return_states=True)
+        # The readout takes (batch, length, d_inner, d_state) per layer; here length is 1.
+        readout_logits = self.readout([state.unsqueeze(1) for state in output.states])
+        output.readout_logits = readout_logits.squeeze(1)
+        return output
+
+    def new_cache(self) -> InferenceCache:
+        """Return an empty inference cache for `forward(..., cache=)` and `step`."""
+        return self.backbone.new_cache()
 
     def num_parameters(self) -> int:
         """Count the parameters of backbone and readout, the tied embedding and head weight once."""

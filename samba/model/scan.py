@@ -23,7 +23,10 @@ Shape legend (all tensors are channels-last):
 
 `selective_scan_reference` is the sequential definition, meant to run in float64 as the
 ground truth in tests. `selective_scan` is the path the model uses and has the same
-inputs. A faster scan must match both on outputs, final state and every gradient.
+inputs. It runs one of three implementations, chosen in samba.model.backend: the C kernel
+for CPU tensors (scan_cpu), the pure-PyTorch chunked scan (scan_torch) or mamba-ssm's
+fused CUDA kernel (scan_cuda). Tests hold each of them to the reference on outputs,
+final state and every gradient.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from samba.model.backend import kernel_for
+from samba.model.scan_cpu import cpu_kernel_scan
+from samba.model.scan_cuda import fused_scan
+from samba.model.scan_torch import chunked_scan
 
 
 class ScanOutput(NamedTuple):
@@ -110,13 +118,13 @@ def selective_scan(
     h0: Tensor | None = None,
     return_states: bool = False,
 ) -> ScanOutput:
-    """Run the selective scan over the whole sequence and return y and the final state.
+    """Run the selective scan over the whole sequence with the backend of samba.model.backend.
 
     The recurrence runs in float32, or in float64 when any input is float64, because
-    products of many exp(delta * A) factors lose too much precision in half types.
-    y and states come back in the dtype of u so that they feed the next layer directly.
-    last_state stays in the compute dtype, so a scan continued from it through h0 keeps
-    that precision.
+    products of many exp(delta * A) factors lose too much precision in half types. Autocast
+    does not change this. y comes back in the dtype of u, so that it feeds the next
+    layer directly. states and last_state stay in the compute dtype, so a scan continued
+    from last_state through h0 keeps that precision.
     """
     _check_shapes(u, delta, A, B, C, D, h0)
     out_dtype = u.dtype
@@ -124,28 +132,14 @@ def selective_scan(
     for tensor in (u, delta, A, B, C, D, h0):
         if tensor is not None:
             compute_dtype = torch.promote_types(compute_dtype, tensor.dtype)
-    u, delta, A, B, C, D = (tensor.to(compute_dtype) for tensor in (u, delta, A, B, C, D))
-    batch, length, d_inner = u.shape
-    d_state = A.shape[1]
+    kernel = kernel_for(u)
 
-    # Discretise every position at once. Both tensors are (batch, length, d_inner, d_state).
-    A_bar = torch.exp(delta.unsqueeze(-1) * A)
-    B_bar_u = (delta * u).unsqueeze(-1) * B.unsqueeze(2)
-
-    # NOTE: the loop takes the per-step slices from unbind() instead of indexing A_bar[:, t]
-    # inside the loop. Autograd turns each index into a full-size zero tensor with one
-    # slice filled, which makes the backward pass quadratic in length, whereas the
-    # backward of unbind is a single stack.
-    h = h0.to(compute_dtype) if h0 is not None else u.new_zeros(batch, d_inner, d_state)
-    hs = []
-    for A_bar_t, B_bar_u_t in zip(A_bar.unbind(dim=1), B_bar_u.unbind(dim=1)):
-        h = A_bar_t * h + B_bar_u_t
-        hs.append(h)
-    states = torch.stack(hs, dim=1)
-
-    y = torch.einsum("bldn,bln->bld", states, C) + D * u
-    return ScanOutput(
-        y=y.to(out_dtype),
-        states=states.to(out_dtype) if return_states else None,
-        last_state=h,
-    )
+    with torch.autocast(u.device.type, enabled=False):
+        if kernel == "cuda" and h0 is None and not return_states and compute_dtype == torch.float32:
+            y, last_state = fused_scan(*(tensor.float() for tensor in (u, delta, A, B, C, D)))
+            return ScanOutput(y=y.to(out_dtype), states=None, last_state=last_state)
+        u, delta, A, B, C, D = (tensor.to(compute_dtype) for tensor in (u, delta, A, B, C, D))
+        h0 = h0.to(compute_dtype) if h0 is not None else None
+        scan = cpu_kernel_scan if kernel == "cpu" else chunked_scan
+        y, states, last_state = scan(u, delta, A, B, C, D, h0, return_states)
+    return ScanOutput(y=y.to(out_dtype), states=states, last_state=last_state)
