@@ -68,11 +68,7 @@ class _Timed(torch.nn.Module):
 
 @torch.no_grad()
 def decode_tokens_per_s(model: MambaLM, site: str, sparse: bool, tokens: int) -> tuple[float, float]:
-    """Decode `tokens` tokens at batch 1 with a recurrent step; return tokens/s and the share of time in the site's matmuls.
-
-    NOTE: a minimal recurrent step written for this benchmark from the block's weights; it
-    follows MambaBlock.forward one position at a time.
-    """
+    """Decode `tokens` tokens greedily at batch 1 with MambaLM.step; return tokens/s and the share of time in the site's matmuls."""
     clock = [0.0]
     readers = []
     for index, layer in enumerate(model.layers):
@@ -85,40 +81,15 @@ def decode_tokens_per_s(model: MambaLM, site: str, sparse: bool, tokens: int) ->
     for owner, name, linear in originals:
         setattr(owner, name, _Timed(SparseInputLinear(linear) if sparse else linear, clock))
 
-    d_inner, d_state, d_conv = model.layers[0].mixer.d_inner, model.layers[0].mixer.d_state, model.layers[0].mixer.d_conv
-    conv_states = [torch.zeros(d_inner, d_conv) for _ in model.layers]
-    ssm_states = [torch.zeros(d_inner, d_state) for _ in model.layers]
+    cache = model.new_cache()
     token = torch.zeros(1, dtype=torch.long)
     start = time.perf_counter()
     for _ in range(tokens):
-        hidden = model.embedding(token)  # (1, d_model)
-        for layer, conv_state, ssm_state in zip(model.layers, conv_states, ssm_states):
-            hidden = _step(layer, hidden, conv_state, ssm_state)
-        logits = model.lm_head(model.norm_f(hidden))
-        token = logits.argmax(dim=-1)
+        token = model.step(token, cache).logits.argmax(dim=-1)
     seconds = time.perf_counter() - start
     for owner, name, linear in originals:
         setattr(owner, name, linear)
     return tokens / seconds, clock[0] / seconds
-
-
-def _step(layer, hidden, conv_state, ssm_state):
-    """Advance one residual block by one position, updating conv_state and ssm_state in place."""
-    mixer = layer.mixer
-    x, z = mixer.in_proj(layer.norm(hidden)).chunk(2, dim=-1)  # (1, d_inner) each
-    conv_state.copy_(torch.roll(conv_state, -1, dims=-1))
-    conv_state[:, -1] = x[0]
-    x = F.silu((conv_state * mixer.conv1d.weight[:, 0, :]).sum(dim=-1) + mixer.conv1d.bias)  # (d_inner,)
-    dt, B, C = mixer.x_proj(x).split([mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
-    delta = F.softplus(mixer.dt_proj(dt))
-    A = -torch.exp(mixer.A_log)
-    ssm_state.mul_(torch.exp(delta[:, None] * A)).add_(delta[:, None] * B[None, :] * x[:, None])
-    states = mixer.state_sparsifier(ssm_state) if mixer.state_sparsifier is not None else ssm_state
-    y = (states @ C + mixer.D * x) * F.silu(z[0])
-    if mixer.inner_sparsifier is not None:
-        y = mixer.inner_sparsifier(y)
-    hidden = hidden + mixer.out_proj(y.unsqueeze(0))
-    return layer.output_sparsifier(hidden) if layer.output_sparsifier is not None else hidden
 
 
 def decode_table(d_model: int, n_layers: int, vocab: int, tokens: int, rounds: int) -> list[str]:
