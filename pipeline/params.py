@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from samba.model.config import MambaConfig, ReadoutConfig
+from samba.sparsity.config import SparsityConfig
 
 
 class ParamsError(ValueError):
@@ -82,6 +83,18 @@ class LossParams(Section):
     pruning_weight: float = Field(0.1, ge=0, allow_inf_nan=False)
 
 
+class SparsityParams(Section):
+    penalty: Literal["l1", "l1_rms"] = "l1"
+    method: Literal["none", "topk", "magnitude"] = "none"
+    site: Literal["ssm_state", "block_output", "inner"] = "ssm_state"
+    target: float = Field(0.9, ge=0, lt=1)
+    calibration_tokens: int = Field(1024, gt=0)
+    sweep: list[Annotated[float, Field(ge=0, lt=1)]] = [0.5, 0.75, 0.9, 0.95]
+
+    def sparsity_config(self) -> SparsityConfig:
+        return SparsityConfig(**self.model_dump())
+
+
 class TrainParams(Section):
     seed: int = 0
     steps: int = Field(1000, gt=0)
@@ -122,6 +135,7 @@ class Params(Section):
     model: ModelParams = ModelParams()
     readout: ReadoutParams = ReadoutParams()
     loss: LossParams = LossParams()
+    sparsity: SparsityParams = SparsityParams()
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
     tracking: TrackingParams = TrackingParams()

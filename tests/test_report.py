@@ -161,15 +161,15 @@ def test_write_report_returns_report_path(tmp_path: Path) -> None:
     assert path.is_file()
 
 
-def test_headline_near_zero_fraction(report: tuple[Path, str]) -> None:
+def test_headline_counts_exact_zeros(report: tuple[Path, str]) -> None:
     _, text = report
     overall = make_evaluation()["samba"]["test"]["sparsity"]["overall"]
     baseline = make_evaluation()["baseline"]["test"]["sparsity"]["overall"]
 
-    assert f"**{pct(overall['near_zero_fraction_relative'], 1)} of Samba's hidden-state values are near zero**" in text
-    assert "(|h| ≤ 0.01 × the per-token RMS of the states)" in text
-    assert f"and {pct(overall['exact_zero_fraction'], 1)} are exactly zero" in text
-    assert f"The dense baseline has {pct(baseline['near_zero_fraction_relative'], 1)} near zero" in text
+    assert f"**{pct(overall['exact_zero_fraction'], 1)} of Samba's sparsity-site values are exactly zero**" in text
+    assert f"{pct(overall['near_zero_fraction_relative'], 1)} have |h| ≤ 0.01 × the per-token RMS" in text
+    assert "the small values that are not exactly 0 are shrinkage, not sparsity" in text
+    assert f"The dense baseline has {pct(baseline['exact_zero_fraction'], 1)} exactly zero" in text
 
 
 def test_headline_relative_performance(report: tuple[Path, str]) -> None:
@@ -415,3 +415,37 @@ def test_malformed_curve_raises(tmp_path: Path, name: str, corrupt, fragment: st
 @pytest.mark.parametrize(("seconds", "expected"), [(59.04, "59.0 s"), (900.0, "15.0 min"), (9000.0, "2.50 h")])
 def test_duration_units(seconds: float, expected: str) -> None:
     assert duration(seconds) == expected
+
+
+def add_sparsity_methods(evaluation: dict) -> dict:
+    """Add what the evaluate stage writes about enforced zeros: the method and a two-point sweep."""
+    evaluation["samba"]["sparsity_method"] = {"label": "topk 90% (l1_rms penalty)", "penalty": "l1_rms",
+                                              "method": "topk", "site": "inner", "target": 0.9,
+                                              "zeros_applied": True}
+    evaluation["baseline"]["sparsity_method"] = {"label": "l1", "penalty": "l1", "method": "none",
+                                                 "site": "inner", "target": None, "zeros_applied": False}
+    for kind, ppl in (("baseline", 130.0), ("samba", 155.0)):
+        evaluation[kind]["sweep"] = [
+            {"method": method, "target": 0.9, "ppl_token": ppl, "accuracy": 0.2, "exact_zero_fraction": 0.9012,
+             "min_layer_exact_zero_fraction": 0.8876, "readout_ppl_token": 170.0 if kind == "samba" else None}
+            for method in ("magnitude", "topk")
+        ]
+        evaluation[kind]["test"]["site_active_params"] = {
+            "total": 4_000_000, "active": 3_000_000.0, "reduction": 0.25,
+            "matmuls": [{"name": "layer_0.out_proj", "weight_shape": [128, 256], "active_column_fraction": 0.1}],
+        }
+    return evaluation
+
+
+def test_report_states_applied_zeros_and_sweep(tmp_path: Path) -> None:
+    metrics_dir, plots_dir = write_inputs(tmp_path)
+    (metrics_dir / "evaluate.json").write_text(json.dumps(add_sparsity_methods(make_evaluation())))
+    path = write_report(metrics_dir, plots_dir, tmp_path / "reports")
+    text = path.read_text(encoding="utf-8")
+
+    assert "measured with the zeros of **topk 90% (l1_rms penalty)** applied to its gated inner outputs" in text
+    assert "| samba | topk | 90.0% | 90.1% | 88.8% | 155.0 | 170.0 |" in text
+    assert "| baseline | magnitude | 90.0% | 90.1% | 88.8% | 130.0 | – |" in text
+    assert "| samba | layer_0.out_proj | 128 × 256 | 10.0% |" in text
+    for name in ("perplexity_vs_sparsity.png", "abs_over_rms_histogram.png", "channel_firing_rates.png"):
+        assert (tmp_path / "reports" / name).read_bytes().startswith(PNG_SIGNATURE), name

@@ -1,8 +1,14 @@
-"""Stage `evaluate`: both checkpoints on valid and test, written as one metrics file."""
+"""Stage `evaluate`: both checkpoints on valid and test with their enforced zeros, plus a post-hoc sweep.
+
+Every perplexity and accuracy is measured with the zeros of the named method applied:
+`sparsity_method` says which (for a penalty-only model, none beyond those training made),
+and each sweep point applies topk or magnitude at its target on the test split.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline.errors import StageError
@@ -10,7 +16,8 @@ from pipeline.params import Params
 from pipeline.stages.tokenize import load_tokens
 from pipeline.stages.train import BASELINE_SECTIONS, SAMBA_SECTIONS, stage_params, write_json
 from pipeline.tracking import tracked_run
-from samba.evaluate import evaluate_split
+from samba.evaluate import calibrate_magnitude, evaluate_split
+from samba.sparsity import SparsityConfig, install_config, remove
 from samba.train.checkpoint import CheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -22,12 +29,71 @@ def _flat_metrics(split: str, metrics: dict) -> dict[str, float]:
     """Pick the scalar metrics worth a column in MLflow, keyed like `test.ppl_token`."""
     flat = {f"{split}.{key}": metrics[key] for key in ("ppl_token", "ppl_word", "accuracy", "nll_per_token")}
     for key, value in metrics["sparsity"]["overall"].items():
-        flat[f"{split}.sparsity.{key}"] = value
+        if isinstance(value, (int, float)):
+            flat[f"{split}.sparsity.{key}"] = value
     if "readout" in metrics:
         for key in ("ppl_token", "ppl_word", "accuracy"):
             flat[f"{split}.readout.{key}"] = metrics["readout"][key]
         flat[f"{split}.active_params.reduction"] = metrics["active_params"]["reduction"]
     return flat
+
+
+def _enforce(model, kind: str, sparsity: SparsityConfig, ids: dict, meta: dict, params: Params) -> dict:
+    """Install the checkpoint's enforced zeros (or pass-through sparsifiers that mark the site) and describe them."""
+    thresholds = None
+    if sparsity.method == "magnitude":
+        thresholds = calibrate_magnitude(
+            model, ids["valid"], kind=kind, site=sparsity.site, target=sparsity.target,
+            tokens=sparsity.calibration_tokens, seq_len=params.eval.seq_len,
+            batch_size=params.eval.batch_size, eos_id=meta["eos_id"])
+    if sparsity.method == "none" and sparsity.site == "ssm_state":
+        remove(model)
+    else:
+        install_config(model, sparsity, thresholds)
+    return {"label": sparsity.label, "penalty": sparsity.penalty, "method": sparsity.method, "site": sparsity.site,
+            "target": sparsity.target if sparsity.method != "none" else None,
+            "zeros_applied": sparsity.method != "none", "thresholds": thresholds}
+
+
+def _split_ids(params: Params, ids: dict, meta: dict, split: str) -> tuple:
+    split_ids = ids[split]
+    n_words = meta["splits"][split]["n_words"]
+    if params.eval.max_tokens and len(split_ids) > params.eval.max_tokens:
+        # Keep the word count proportional, so per-word perplexity stays comparable.
+        n_words = round(n_words * params.eval.max_tokens / len(split_ids))
+        split_ids = split_ids[: params.eval.max_tokens]
+    return split_ids, n_words
+
+
+def _evaluate(model, kind: str, site: str, params: Params, ids: dict, meta: dict, split: str) -> dict:
+    split_ids, n_words = _split_ids(params, ids, meta, split)
+    logger.info("evaluating %s on %s (%d tokens)", kind, split, len(split_ids))
+    return evaluate_split(
+        model, split_ids, n_words, kind=kind, seq_len=params.eval.seq_len,
+        batch_size=params.eval.batch_size, eos_id=meta["eos_id"],
+        relative_threshold=params.eval.relative_threshold,
+        absolute_threshold=params.eval.absolute_threshold, site=site,
+    )
+
+
+def _sweep(model, kind: str, sparsity: SparsityConfig, params: Params, ids: dict, meta: dict) -> list[dict]:
+    """Apply topk and magnitude post hoc at every sweep target and measure the test split with the zeros applied."""
+    points = []
+    for method in ("magnitude", "topk"):
+        for target in sparsity.sweep:
+            config = replace(sparsity, method=method, target=target)
+            enforced = _enforce(model, kind, config, ids, meta, params)
+            metrics = _evaluate(model, kind, sparsity.site, params, ids, meta, "test")
+            layers = metrics["sparsity"]["layers"].values()
+            point = {"method": method, "target": target, "site": sparsity.site, "ppl_token": metrics["ppl_token"],
+                     "accuracy": metrics["accuracy"], "thresholds": enforced["thresholds"],
+                     "exact_zero_fraction": metrics["sparsity"]["overall"]["exact_zero_fraction"],
+                     "min_layer_exact_zero_fraction": min(layer["exact_zero_fraction"] for layer in layers)}
+            if "readout" in metrics:
+                point["readout_ppl_token"] = metrics["readout"]["ppl_token"]
+                point["readout_accuracy"] = metrics["readout"]["accuracy"]
+            points.append(point)
+    return points
 
 
 def evaluate_checkpoint(params: Params, kind: str, folder: Path, ids: dict, meta: dict) -> dict:
@@ -40,29 +106,24 @@ def evaluate_checkpoint(params: Params, kind: str, folder: Path, ids: dict, meta
     if config.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
         raise StageError(f"{folder} was trained with another tokenizer than {meta['description']}'s: "
                          f"rerun `dvc repro` so training uses the current tokens")
+    # The baseline trains without sparsity, so it is measured at the site params.yaml names, without zeros.
+    sparsity = replace(params.sparsity.sparsity_config(), method="none")
+    if kind == "samba" and config.get("sparsity"):
+        sparsity = replace(SparsityConfig(**config["sparsity"]), calibration_tokens=params.sparsity.calibration_tokens,
+                           sweep=tuple(params.sparsity.sweep))
     results: dict = {"parameters": model.num_parameters()}
     sections = (*(SAMBA_SECTIONS if kind == "samba" else BASELINE_SECTIONS), "eval")
     tags = {"model.kind": kind, "stage": "evaluate", "corpus.source": meta["source"]}
     with tracked_run(params.tracking.enabled, params.tracking.experiment, f"evaluate_{kind}", tags,
                      stage_params(params, sections)) as tracker:
+        results["sparsity_method"] = _enforce(model, kind, sparsity, ids, meta, params)
         for split in EVAL_SPLITS:
-            split_ids = ids[split]
-            n_words = meta["splits"][split]["n_words"]
-            if params.eval.max_tokens and len(split_ids) > params.eval.max_tokens:
-                # Keep the word count proportional, so per-word perplexity stays comparable.
-                n_words = round(n_words * params.eval.max_tokens / len(split_ids))
-                split_ids = split_ids[: params.eval.max_tokens]
-            logger.info("evaluating %s on %s (%d tokens)", kind, split, len(split_ids))
-            results[split] = evaluate_split(
-                model, split_ids, n_words, kind=kind, seq_len=params.eval.seq_len,
-                batch_size=params.eval.batch_size, eos_id=meta["eos_id"],
-                relative_threshold=params.eval.relative_threshold,
-                absolute_threshold=params.eval.absolute_threshold,
-            )
+            results[split] = _evaluate(model, kind, sparsity.site, params, ids, meta, split)
             flat = _flat_metrics(split, results[split])
             tracker.log_metrics(flat)
             # The experiment's parent run gets both models' numbers, so one row compares a sweep point.
             tracker.log_experiment_metrics({f"{kind}.{key}": value for key, value in flat.items()})
+        results["sweep"] = _sweep(model, kind, sparsity, params, ids, meta)
     return results
 
 

@@ -21,6 +21,7 @@ from pipeline.stages.report_inputs import (
     load_report_inputs,
 )
 from pipeline.stages.report_plots import plot_sparsity_per_layer, plot_training_curves
+from pipeline.stages import report_sparsity
 
 __all__ = ["ReportInputError", "write_report"]
 
@@ -87,11 +88,12 @@ def _headlines(evaluation: EvalMetrics) -> list[str]:
     return [
         "## Headline results (test split)",
         "",
-        f"- **{percent(sparse.near_zero_fraction_relative, 1)} of Samba's hidden-state values are near zero** "
-        f"(|h| ≤ {evaluation.thresholds.relative:g} × the per-token RMS of the states), "
-        f"and {percent(sparse.exact_zero_fraction, 1)} are exactly zero. "
-        f"The dense baseline has {percent(dense.near_zero_fraction_relative, 1)} near zero "
-        f"and {percent(dense.exact_zero_fraction, 1)} exactly zero.",
+        f"- **{percent(sparse.exact_zero_fraction, 1)} of Samba's sparsity-site values are exactly zero**, "
+        f"the only values a matmul can skip. "
+        f"{percent(sparse.near_zero_fraction_relative, 1)} have "
+        f"|h| ≤ {evaluation.thresholds.relative:g} × the per-token RMS of the states, exact zeros included; "
+        f"the small values that are not exactly 0 are shrinkage, not sparsity. The dense baseline has {percent(dense.exact_zero_fraction, 1)} exactly zero "
+        f"and {percent(dense.near_zero_fraction_relative, 1)} near zero.",
         f"- **Samba reaches {percent(relative_to_baseline, 1)} of the baseline's performance**, "
         f"measured as baseline perplexity over Samba perplexity per token "
         f"({perplexity(baseline.ppl_token)} / {perplexity(samba.ppl_token)}).",
@@ -205,6 +207,8 @@ def _figures() -> list[str]:
         f"![Training losses of both models against the step]({CURVES_PNG})",
         "",
         f"![Exact-zero and near-zero state fractions per layer, test split]({SPARSITY_PNG})",
+        "",
+        *report_sparsity.figures(),
     ]
 
 
@@ -213,11 +217,15 @@ def render_report(inputs: ReportInputs) -> str:
     sections = [
         _header(inputs.evaluation),
         _headlines(inputs.evaluation),
+        report_sparsity.zeros_statement(inputs.evaluation),
         _comparison(inputs),
         _per_layer(inputs.evaluation),
+        report_sparsity.dead_units_section(inputs.evaluation),
+        report_sparsity.site_section(inputs.evaluation),
+        report_sparsity.sweep_section(inputs.evaluation),
         _figures(),
     ]
-    return "\n\n".join("\n".join(section) for section in sections) + "\n"
+    return "\n\n".join("\n".join(section) for section in sections if section) + "\n"
 
 
 def write_report(metrics_dir: Path, plots_dir: Path, out_dir: Path) -> Path:
@@ -234,6 +242,7 @@ def write_report(metrics_dir: Path, plots_dir: Path, out_dir: Path) -> Path:
 
     plot_training_curves(inputs.curves, out_dir / CURVES_PNG)
     plot_sparsity_per_layer(inputs.evaluation, out_dir / SPARSITY_PNG)
+    report_sparsity.write_sparsity_plots(inputs.evaluation, out_dir)
     report_path = out_dir / REPORT_NAME
     report_path.write_text(render_report(inputs), encoding="utf-8", newline="\n")
     return report_path

@@ -80,9 +80,27 @@ class Sparsity(_Schema):
     nonzero_per_token: float = Field(ge=0.0)
 
 
+class Histogram(_Schema):
+    log10_edges: list[float] = Field(min_length=2)
+    counts: list[int]
+    exact_zeros: int = Field(ge=0)
+
+
+class LayerSparsity(Sparsity):
+    dead_fraction: Fraction | None = None
+    channel_firing_rate: list[float] | None = None
+
+
+class OverallSparsity(Sparsity):
+    dead_fraction: Fraction | None = None
+    mean_abs_over_rms: float | None = None
+    abs_over_rms_histogram: Histogram | None = None
+
+
 class SparsityReport(_Schema):
-    overall: Sparsity
-    layers: dict[str, Sparsity] = Field(min_length=1)
+    site: Literal["ssm_state", "block_output", "inner"] = "ssm_state"
+    overall: OverallSparsity
+    layers: dict[str, LayerSparsity] = Field(min_length=1)
 
     def ordered_layers(self) -> list[tuple[str, Sparsity]]:
         """Return the layers sorted by index."""
@@ -104,6 +122,43 @@ class ActiveParams(_Schema):
     readout_input_active_fraction: Fraction
 
 
+class MatmulActivity(_Schema):
+    name: str
+    weight_shape: list[int]
+    active_column_fraction: Fraction
+    counted: bool = True
+
+
+class SiteActiveParams(_Schema):
+    total: int = Field(gt=0)
+    active: float = Field(ge=0.0)
+    reduction: Fraction
+    matmuls: list[MatmulActivity]
+
+
+class SparsityMethod(_Schema):
+    """How the evaluated numbers were measured: which enforced zeros were applied, at which site."""
+
+    label: str
+    penalty: str
+    method: Literal["none", "topk", "magnitude"]
+    site: Literal["ssm_state", "block_output", "inner"]
+    target: float | None = None
+    zeros_applied: bool
+
+
+class SweepPoint(_Schema):
+    """One post-hoc enforcement on the test split, measured with its zeros applied."""
+
+    method: Literal["topk", "magnitude"]
+    target: Fraction
+    ppl_token: float = Field(gt=0.0)
+    accuracy: Fraction
+    exact_zero_fraction: Fraction
+    min_layer_exact_zero_fraction: Fraction
+    readout_ppl_token: float | None = None
+
+
 class SplitMetrics(_Schema):
     n_tokens: int = Field(gt=0)
     n_words: int = Field(gt=0)
@@ -114,12 +169,15 @@ class SplitMetrics(_Schema):
     sparsity: SparsityReport
     readout: ReadoutMetrics | None = None
     active_params: ActiveParams | None = None
+    site_active_params: SiteActiveParams | None = None
 
 
 class ModelEval(_Schema):
     parameters: int = Field(gt=0)
     valid: SplitMetrics
     test: SplitMetrics
+    sparsity_method: SparsityMethod | None = None
+    sweep: list[SweepPoint] = []
 
 
 class Corpus(_Schema):

@@ -26,6 +26,7 @@ from pipeline.stages.tokenize import load_tokens
 from pipeline.tracking import Tracker, project_root, tracked_run
 from samba.data.stream import TrainStream
 from samba.model import MambaConfig, ReadoutConfig, build_model
+from samba.sparsity import install_for_training
 from samba.train.checkpoint import save_checkpoint
 from samba.train.distributed import (
     DistributedContext,
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 ModelKind = Literal["baseline", "samba"]
 BASELINE_SECTIONS = ("data", "tokenizer", "model", "train")
-SAMBA_SECTIONS = (*BASELINE_SECTIONS, "readout", "loss")
+SAMBA_SECTIONS = (*BASELINE_SECTIONS, "readout", "loss", "sparsity")
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,8 @@ def run_train(params: Params, kind: ModelKind, tokens_dir: Path, outputs: TrainO
         init_process_group(context, device)
     try:
         model = build_model(kind, mamba, readout).to(device)
+        if kind == "samba":
+            install_for_training(model, params.sparsity.sparsity_config())
         if not context.is_main:
             train(model, stream, config, context=context)
             return None
@@ -184,8 +187,10 @@ def _write_outputs(kind: ModelKind, model: torch.nn.Module, summary: TrainSummar
                    outputs: TrainOutputs, params: Params) -> dict:
     readout = params.readout.readout_config() if kind == "samba" else None
     mamba = params.model.mamba_config(meta["vocab_size"])
+    sparsity = params.sparsity.sparsity_config() if kind == "samba" else None
     save_checkpoint(outputs.checkpoint, model, kind, mamba, readout,
-                    extra={"tokenizer_sha256": meta["tokenizer_sha256"], "steps": summary.steps})
+                    extra={"tokenizer_sha256": meta["tokenizer_sha256"], "steps": summary.steps,
+                           "sparsity": sparsity.to_dict() if sparsity is not None else None})
     metrics = {"kind": kind, "steps": summary.steps, "tokens": summary.tokens, "parameters": n_params,
                "final": summary.final}
     timing = {"train_seconds": round(summary.seconds, 3), "tokens_per_s": round(summary.tokens_per_s, 1)}
@@ -204,6 +209,7 @@ def _train_config(params: Params, kind: ModelKind) -> TrainConfig:
         readout_weight=params.loss.readout_weight if kind == "samba" else 0.0,
         pruning_weight=params.loss.pruning_weight if kind == "samba" else 0.0,
         checkpoint_every=train_params.checkpoint_every,
+        penalty=params.sparsity.penalty,
     )
 
 

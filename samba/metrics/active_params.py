@@ -38,3 +38,34 @@ def active_parameter_fraction(total_params: int, readout_input_weight_shape: tup
         "reduction": 1.0 - active_fraction,
         "readout_input_active_fraction": nonzero_features_per_token / features,
     }
+
+
+def matmul_active_parameters(total_params: int, matmuls: list[dict]) -> dict:
+    """Count the parameters a token uses when each listed matmul skips the weight columns of zero inputs.
+
+    Each matmul is {"name", "out_features", "in_features", "nonzero_inputs", "counted"}:
+    nonzero_inputs is the mean count of nonzero input values per token, measured at
+    evaluation. A matmul with counted False (the tied LM head, whose weight the embedding
+    table already counts as active) is listed with its active column fraction but leaves
+    the parameter count unchanged.
+
+    Returns total, active, active_fraction, reduction and per matmul its
+    active_column_fraction and idle_weights.
+    """
+    idle_total = 0.0
+    rows = []
+    for matmul in matmuls:
+        in_features, nonzero = matmul["in_features"], matmul["nonzero_inputs"]
+        if not 0 <= nonzero <= in_features:
+            raise ValueError(f"{matmul['name']}: nonzero_inputs must be between 0 and {in_features}, got {nonzero}")
+        idle = matmul["out_features"] * (in_features - nonzero)
+        if matmul.get("counted", True):
+            idle_total += idle
+        rows.append({"name": matmul["name"], "weight_shape": [matmul["out_features"], in_features],
+                     "active_column_fraction": nonzero / in_features, "idle_weights": idle,
+                     "counted": matmul.get("counted", True)})
+    if idle_total > total_params:
+        raise ValueError(f"idle weights {idle_total} exceed the {total_params} parameters of the model")
+    active = total_params - idle_total
+    return {"total": total_params, "active": active, "active_fraction": active / total_params,
+            "reduction": idle_total / total_params, "matmuls": rows}

@@ -1,4 +1,4 @@
-"""Sparsity of SSM states: exact zeros, near zeros (relative and absolute) and Hoyer's measure.
+"""Sparsity of SSM states or other site tensors: exact zeros, near zeros, Hoyer, dead units, firing rates.
 
 A "token vector" is every state value of one layer at one position: d_inner * d_state
 values for states shaped (..., d_inner, d_state). Pass `token_dims=1` for states already
@@ -58,7 +58,8 @@ class SparsityAccumulator:
     mean of per-batch means.
     """
 
-    def __init__(self, n_layers: int, relative_threshold: float, absolute_threshold: float = 1e-3) -> None:
+    def __init__(self, n_layers: int, relative_threshold: float, absolute_threshold: float = 1e-3,
+                 token_dims: int = _STATE_DIMS) -> None:
         if n_layers < 1:
             raise ValueError(f"n_layers must be positive, got {n_layers}")
         if not (math.isfinite(relative_threshold) and relative_threshold >= 0):
@@ -68,16 +69,18 @@ class SparsityAccumulator:
         self.n_layers = n_layers
         self.relative_threshold = relative_threshold
         self.absolute_threshold = absolute_threshold
-        self._layers = [_LayerCounts() for _ in range(n_layers)]
+        self.token_dims = token_dims
+        self._layers = [_LayerCounts(token_dims) for _ in range(n_layers)]
 
     @torch.no_grad()
     def update(self, states: list[Tensor]) -> None:
-        """Add one batch: one (batch, length, d_inner, d_state) tensor per layer."""
+        """Add one batch: one tensor per layer, (batch, length, d_inner, d_state) for states."""
         if len(states) != self.n_layers:
             raise ValueError(f"expected the states of {self.n_layers} layers, got {len(states)}")
         for index, (counts, h) in enumerate(zip(self._layers, states)):
-            if h.dim() < 3:
-                raise ValueError(f"layer {index} states must be (batch, length, d_inner, d_state), got shape {tuple(h.shape)}")
+            if h.dim() < 1 + self.token_dims:
+                raise ValueError(f"layer {index} values must have {self.token_dims} token dims after the batch dims, "
+                                 f"got shape {tuple(h.shape)}")
             counts.add(h, self.relative_threshold, self.absolute_threshold)
 
     def result(self) -> dict:
@@ -89,16 +92,38 @@ class SparsityAccumulator:
         features_per_token (values per token vector). "overall" weighs every value of
         every layer equally. Its nonzero_per_token is the mean over all layers' token
         vectors, so the nonzero count of all layers at one position is that times n_layers.
+
+        They also have mean_abs_over_rms (mean over token vectors of mean |v| / RMS(v)),
+        dead_fraction (share of features never nonzero over all tokens added) and
+        abs_over_rms_histogram (counts of log10(|v| / RMS) in HISTOGRAM_EDGES bins, plus
+        the exact zeros). Each layer also has channel_firing_rate: per channel (first
+        token dim) the share of its values that are nonzero. Every number except mean_abs
+        and near_zero_fraction_absolute is unchanged when all values are multiplied by a
+        nonzero constant.
         """
         if self._layers[0].n_values == 0:
             raise ValueError("no states were added: call update() with at least one batch first")
-        return {"overall": _LayerCounts.merge(self._layers).metrics(), "layers": [layer.metrics() for layer in self._layers]}
+        layers = []
+        for layer in self._layers:
+            metrics = layer.metrics()
+            metrics["channel_firing_rate"] = layer.channel_firing_rate()
+            layers.append(metrics)
+        return {"overall": _LayerCounts.merge(self._layers).metrics(), "layers": layers}
+
+
+# log10(|v| / token RMS) bin edges of the histogram: 1e-8 .. 1e2 in tenths of a decade.
+HISTOGRAM_EDGES = [-8.0 + 0.1 * index for index in range(101)]
 
 
 class _LayerCounts:
     """Exact running sums for one layer (Python ints and float64 sums)."""
 
-    def __init__(self) -> None:
+    def __init__(self, token_dims: int = _STATE_DIMS) -> None:
+        self.token_dims = token_dims
+        self.channel_shape: tuple[int, ...] = ()
+        self.nonzero_per_feature: Tensor | None = None  # int64 (features,) counts over tokens
+        self.ratio_sum = 0.0
+        self.histogram = [0] * (len(HISTOGRAM_EDGES) - 1)
         self.n_values = 0
         self.n_tokens = 0
         self.features = 0
@@ -110,10 +135,14 @@ class _LayerCounts:
         self.hoyer_weighted_sum = 0.0
 
     def add(self, h: Tensor, relative_threshold: float, absolute_threshold: float) -> None:
-        tokens = _token_vectors(h, _STATE_DIMS)
+        tokens = _token_vectors(h, self.token_dims)
         if self.features and tokens.shape[1] != self.features:
             raise ValueError(f"states changed size: {tokens.shape[1]} values per token vector, earlier {self.features} "
                              "(use one SparsityAccumulator per model)")
+        self.channel_shape = tuple(h.shape[h.dim() - self.token_dims:])
+        nonzero = (tokens != 0).sum(dim=0)
+        self.nonzero_per_feature = nonzero if self.nonzero_per_feature is None else self.nonzero_per_feature + nonzero
+        self._add_relative_shape(tokens)
         self.features = tokens.shape[1]
         self.n_values += tokens.numel()
         self.n_tokens += tokens.shape[0]
@@ -123,17 +152,40 @@ class _LayerCounts:
         self.abs_sum += tokens.abs().sum().item()
         self.hoyer_weighted_sum += _hoyer_sum(tokens) * self.features
 
+    def _add_relative_shape(self, tokens: Tensor) -> None:
+        """Add the scale-free sums: mean |v| / RMS per token and the histogram of log10(|v| / RMS)."""
+        rms = tokens.square().mean(dim=1, keepdim=True).sqrt()
+        safe_rms = torch.where(rms > 0, rms, torch.ones_like(rms))
+        self.ratio_sum += (tokens.abs().mean(dim=1, keepdim=True) / safe_rms).sum().item()
+        relative = (tokens.abs() / safe_rms)[tokens != 0].log10()
+        edges = torch.tensor(HISTOGRAM_EDGES, dtype=torch.float64)
+        relative = relative.clamp(edges[0].item(), edges[-1].item())  # Outliers land in the end bins.
+        counts = torch.histogram(relative, bins=edges).hist
+        self.histogram = [old + int(new) for old, new in zip(self.histogram, counts.tolist())]
+
+    def channel_firing_rate(self) -> list[float]:
+        """Return per channel (first token dim) the share of its values over all tokens that are nonzero."""
+        per_channel = self.nonzero_per_feature.reshape(self.channel_shape[0], -1).sum(dim=1).to(torch.float64)
+        values_per_channel = self.n_tokens * (self.features // self.channel_shape[0])
+        return [round(rate, 6) for rate in (per_channel / values_per_channel).tolist()]
+
     @classmethod
     def merge(cls, layers: list[_LayerCounts]) -> _LayerCounts:
         merged = cls()
         for name in ("n_values", "n_tokens", "exact_zero", "near_relative", "near_absolute",
-                     "abs_sum", "hoyer_weighted_sum"):
+                     "abs_sum", "hoyer_weighted_sum", "ratio_sum"):
             setattr(merged, name, sum(getattr(layer, name) for layer in layers))
         merged.features = merged.n_values / merged.n_tokens  # Mean width; equal to each layer's when all match.
+        merged.histogram = [sum(column) for column in zip(*(layer.histogram for layer in layers))]
+        merged.nonzero_per_feature = torch.cat([layer.nonzero_per_feature for layer in layers])
         return merged
 
     def metrics(self) -> dict:
         return {
+            "mean_abs_over_rms": self.ratio_sum / self.n_tokens,
+            "dead_fraction": (self.nonzero_per_feature == 0).sum().item() / self.nonzero_per_feature.numel(),
+            "abs_over_rms_histogram": {"log10_edges": [round(edge, 6) for edge in HISTOGRAM_EDGES],
+                                       "counts": self.histogram, "exact_zeros": self.exact_zero},
             "exact_zero_fraction": self.exact_zero / self.n_values,
             "near_zero_fraction_relative": self.near_relative / self.n_values,
             "near_zero_fraction_absolute": self.near_absolute / self.n_values,

@@ -63,6 +63,9 @@ class MambaBlock(nn.Module):
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
         self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=False)
+        # Enforced zeros on the states or on out_proj's input (samba.sparsity.install sets them).
+        self.state_sparsifier: nn.Module | None = None
+        self.inner_sparsifier: nn.Module | None = None
 
         # S4D-real initialisation: A = -(1, 2, ..., d_state) for every channel.
         A = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
@@ -149,14 +152,23 @@ class MambaBlock(nn.Module):
         # The scan adds the skip term D * x.
         delta, A, B, C = self._ssm_parameters(x)
         h0 = cache.ssm_state if cache is not None else None
-        scan = selective_scan(x, delta, A, B, C, self.D, h0=h0, return_states=return_states)
+        sparse_states = self.state_sparsifier is not None
+        scan = selective_scan(x, delta, A, B, C, self.D, h0=h0, return_states=return_states or sparse_states)
         if cache is not None:
             cache.conv_window = self._next_window(window, conv_input)
             cache.ssm_state = scan.last_state
+        y, states = scan.y, scan.states
+        if sparse_states:
+            # y_t = C_t . h_t + D x_t from the zeroed states; the recurrence and the cache keep
+            # the dense ones (samba/sparsity/sparsifier.py gives the reason).
+            states = self.state_sparsifier(states)
+            y = torch.einsum("bldn,bln->bld", states, C.to(states.dtype)).to(scan.y.dtype) + self.D * x
 
         # 5. Gate with SiLU(z) and project back to d_model.
-        y = silu_gate(scan.y, z)
-        return self.out_proj(y), scan.states
+        y = silu_gate(y, z)
+        if self.inner_sparsifier is not None:
+            y = self.inner_sparsifier(y)
+        return self.out_proj(y), states if return_states else None
 
     def _next_window(self, window: Tensor | None, inputs: Tensor) -> Tensor:
         """Return the last d_conv conv inputs after `inputs` (batch, length, d_inner) follow `window`."""
@@ -183,10 +195,16 @@ class MambaBlock(nn.Module):
             h = (delta * x_c).unsqueeze(-1) * B.unsqueeze(1)
             if cache.ssm_state is not None:
                 h = h + decay * cache.ssm_state
-            y = torch.einsum("bdn,bn->bd", h, C) + self.D * x_c
         cache.ssm_state = h
+        if self.state_sparsifier is not None:
+            # Zeros reach y and the returned states; the cache keeps the dense recurrence, as in forward.
+            h = self.state_sparsifier(h.unsqueeze(1)).squeeze(1)
+        with torch.autocast(x.device.type, enabled=False):
+            y = torch.einsum("bdn,bn->bd", h, C) + self.D * x_c
 
         y = y.to(x.dtype) * F.silu(z)
+        if self.inner_sparsifier is not None:
+            y = self.inner_sparsifier(y)
         return self.out_proj(y), h
 
 
@@ -197,15 +215,22 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.mixer = MambaBlock(config)
+        self.output_sparsifier: nn.Module | None = None  # enforced zeros on the block output
 
     def forward(self, hidden: Tensor, return_states: bool = False,
                 cache: LayerCache | None = None) -> tuple[Tensor, Tensor | None]:
         mixed, states = self.mixer(self.norm(hidden), return_states=return_states, cache=cache)
-        return hidden + mixed, states
+        hidden = hidden + mixed
+        if self.output_sparsifier is not None:
+            hidden = self.output_sparsifier(hidden)
+        return hidden, states
 
     def step(self, hidden: Tensor, cache: LayerCache) -> tuple[Tensor, Tensor]:
         mixed, state = self.mixer.step(self.norm(hidden), cache)
-        return hidden + mixed, state
+        hidden = hidden + mixed
+        if self.output_sparsifier is not None:
+            hidden = self.output_sparsifier(hidden)
+        return hidden, state
 
 
 class MambaLM(nn.Module):

@@ -16,8 +16,11 @@ class LMOutput:
         forward pass did not return them.
     readout_logits: (batch, length, vocab_size) from the state readout, or None for a
         model without one.
+    site_values: one tensor per layer from the sparsity site (samba.sparsity), after its
+        enforced zeros, or None when no sparsifier is installed; the pruning loss reads it.
     """
 
     logits: Tensor
     states: list[Tensor] | None = None
     readout_logits: Tensor | None = None
+    site_values: list[Tensor] | None = None

@@ -16,6 +16,7 @@ from samba.model.cache import InferenceCache
 from samba.model.config import SambaConfig
 from samba.model.mamba import MambaLM
 from samba.model.output import LMOutput
+from samba.sparsity.sparsifier import record_sites
 
 
 class StateReadout(nn.Module):
@@ -77,8 +78,10 @@ class SambaLM(nn.Module):
 
         With a cache, the sequence continues after the cached positions (see MambaLM.forward).
         """
-        output = self.backbone(input_ids, return_states=True, cache=cache)
+        with record_sites(self.backbone) as site_values:
+            output = self.backbone(input_ids, return_states=True, cache=cache)
         output.readout_logits = self.readout(output.states)
+        output.site_values = site_values or None
         return output
 
     def step(self, input_ids: Tensor, cache: InferenceCache) -> LMOutput:

@@ -48,6 +48,7 @@ class TrainConfig:
     readout_weight: float = 0.0
     pruning_weight: float = 0.0
     checkpoint_every: int = 0  # Steps between training-state saves; 0 saves none.
+    penalty: str = "l1"  # samba.loss.penalty kind: l1 or l1_rms
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def _optimizer_step(network: nn.Module, model: nn.Module, optimizer: torch.optim
     device = next(model.parameters()).device
     inputs, targets = (tensor.to(device) for tensor in batch)
     parts = compute_loss(network(inputs), targets, readout_weight=config.readout_weight,
-                         pruning_weight=config.pruning_weight)
+                         pruning_weight=config.pruning_weight, penalty_kind=config.penalty)
     values = _loss_values(parts, context)
     if not all(math.isfinite(value) for value in values.values()):
         raise NonFiniteLossError(f"non-finite loss at step {step}: {_describe(values)}", step, values)
