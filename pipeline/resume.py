@@ -65,7 +65,14 @@ def resume_key(kind: str, stage_params: dict, tokens_dir: Path) -> str:
 
 
 def default_resume_folder(root: Path, kind: str, key: str) -> Path:
-    return root / RESUME_DIR / f"train_{kind}-{key}"
+    """Return the state folder for this config, one per DVC experiment name.
+
+    Queued experiments of a sweep often train the same baseline at the same time under
+    one DVC_ROOT; a folder per experiment keeps them from contending for one lock.
+    """
+    experiment = os.environ.get("DVC_EXP_NAME")
+    suffix = f"-{experiment}" if experiment else ""
+    return root / RESUME_DIR / f"train_{kind}-{key}{suffix}"
 
 
 @contextmanager

@@ -153,3 +153,18 @@ def test_cli_outside_repository_fails(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "error: `dvc exp show` failed in" in result.output
     assert not Path(tmp_path / "experiments").exists()
+
+
+def test_evaluation_without_dvc_dropped_lists():
+    """DVC's metrics reader keeps scalars only; the aggregate must still accept such a payload."""
+    from pipeline.stages.aggregate import _evaluation
+
+    histogram = {"exact_zeros": 3}
+    active = {"total": 10, "active": 5.0, "reduction": 0.5}
+    payload = {"abs_over_rms_histogram": histogram, "nested": {"site_active_params": active}}
+    from pipeline.stages.aggregate import _restore_dropped_lists
+
+    restored = _restore_dropped_lists(payload)
+    assert restored["abs_over_rms_histogram"] is None
+    assert restored["nested"]["site_active_params"]["matmuls"] == []
+    assert _evaluation({"metrics": {}}) is None

@@ -89,12 +89,30 @@ def read_experiments(repo: Path) -> list[dict]:
         raise AggregateError(f"`dvc exp show --json` printed invalid JSON ({error})") from None
 
 
+def _restore_dropped_lists(tree: Any) -> Any:
+    """Undo what DVC's metrics reader drops: it keeps scalars only, so list fields vanish.
+
+    The aggregate needs none of those lists, so a histogram without its bins becomes None
+    and a matmul table becomes empty.
+    """
+    if not isinstance(tree, dict):
+        return tree
+    restored = {key: _restore_dropped_lists(value) for key, value in tree.items()}
+    histogram = restored.get("abs_over_rms_histogram")
+    if isinstance(histogram, dict) and "log10_edges" not in histogram:
+        restored["abs_over_rms_histogram"] = None
+    active = restored.get("site_active_params")
+    if isinstance(active, dict):
+        active.setdefault("matmuls", [])
+    return restored
+
+
 def _evaluation(data: dict) -> EvalMetrics | None:
     payload = (data.get("metrics") or {}).get(EVALUATE_FILE, {}).get("data")
     if not payload:
         return None
     try:
-        return EvalMetrics.model_validate(payload)
+        return EvalMetrics.model_validate(_restore_dropped_lists(payload))
     except ValidationError:
         return None
 
