@@ -61,8 +61,11 @@ def test_format_bytes_units():
     assert format_bytes(5 * 1024**4) == "5.0 TiB"
 
 
+# VmHWM is the peak RSS of this process's address space. getrusage's ru_maxrss would do
+# too, but Linux carries it over from the parent across fork and exec, so a large pytest
+# process would hide the child's peak.
 MEASURE = """
-import json, resource, sys, torch
+import json, sys, torch
 from samba.loss import compute_loss
 from samba.model import MambaConfig, ReadoutConfig, build_model
 from samba.train.memory import estimate_training_memory
@@ -72,23 +75,27 @@ mamba = MambaConfig(vocab_size=10000, d_model=128, n_layers=4, d_state=16)
 readout = ReadoutConfig(hidden_size=256)
 model = build_model("samba", mamba, readout)
 optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1)
-ids = torch.randint(0, 10000, (8, 65))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+ids = torch.randint(0, 10000, (16, 65))
+def peak_rss():
+    line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+before = peak_rss()
 parts = compute_loss(model(ids[:, :-1]), ids[:, 1:], readout_weight=0.5, pruning_weight=0.1)
 parts.total.backward()
 optimizer.step()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-estimate = estimate_training_memory("samba", mamba, readout, 8, 64)
+after = peak_rss()
+estimate = estimate_training_memory("samba", mamba, readout, 16, 64)
 print(json.dumps({"measured": after - before, "estimated": estimate.total - estimate.weights}))
 """
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS from Linux /proc")
 def test_estimate_matches_measured_step():
     """Peak RSS growth of one Samba step (gradients, AdamW state, activations) against the estimate.
 
-    Measured on the development machine: ratios estimate / measured from 0.81 to 1.0 over six
-    configs (d_model 64 to 256, batch x length 1024 to 4096).
+    Measured on the development machine: ratios estimate / measured from 0.84 to 1.09 over eight
+    configs (d_model 64 to 256, d_state 16 to 64, batch x length 512 to 4096).
     """
     result = subprocess.run([sys.executable, "-c", MEASURE], env=tool_env(), capture_output=True, text=True,
                             timeout=300, check=True)
