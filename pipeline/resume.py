@@ -1,6 +1,7 @@
 """The folder of an interrupted training run's state, so the same command picks it up again.
 
-The folder is `<root>/.samba/resume/train_<kind>-<key>`, with <root> the project root
+The folder is `<root>/.samba/resume/train_<kind>-<key>`, plus `-<name>` inside a DVC
+experiment named <name>, with <root> the project root
 (DVC_ROOT when DVC runs the stage) and <key> a hash of everything that shapes the
 result: the stage's params, the token files and the training code. Three reasons for this
 place rather than a DVC output:
