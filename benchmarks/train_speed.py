@@ -187,9 +187,12 @@ def run_in_subprocess(worker_args: list[str], timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if completed.returncode < 0:
+        return {"error": f"killed by signal {-completed.returncode} (SIGKILL is most often the out-of-memory killer)"}
     if completed.returncode != 0 or not lines:
-        message = (completed.stderr.strip().splitlines() or [f"exit status {completed.returncode}"])[-1]
-        return {"error": message}
+        errors = [line for line in completed.stderr.splitlines() if "Error" in line]
+        message = (errors or completed.stderr.strip().splitlines() or [""])[-1]
+        return {"error": f"exit status {completed.returncode}: {message}"}
     return json.loads(lines[-1])
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from samba.model.cache import InferenceCache, LayerCache
 from samba.model.config import MambaConfig, ReadoutConfig, SambaConfig
 from samba.model.mamba import MambaLM
 from samba.model.output import LMOutput
@@ -19,7 +20,9 @@ from samba.model.samba import SambaLM
 from samba.model.scan import selective_scan, selective_scan_reference
 
 __all__ = [
+    "InferenceCache",
     "LMOutput",
+    "LayerCache",
     "MambaConfig",
     "MambaLM",
     "ReadoutConfig",

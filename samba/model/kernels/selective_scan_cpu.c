@@ -290,6 +290,7 @@ static void *run_worker(void *arg) {
 /* Run every work item on n_threads threads, the calling thread included. Returns 0, or -1 on failure. */
 static int run_items(const ScanArgs *a, void (*run_item)(const ScanArgs *, int64_t, real *), int n_threads) {
     const int64_t n_items = a->batch * n_blocks_of(a);
+    if (n_items == 0) return 0;
     if (n_threads < 1) n_threads = 1;
     if (n_threads > n_items) n_threads = (int)n_items;
     Worker *workers = (Worker *)calloc((size_t)n_threads, sizeof(Worker));
