@@ -58,7 +58,10 @@ def resume_key(kind: str, stage_params: dict, tokens_dir: Path) -> str:
             _update_with_file(digest, path)
     package = Path(samba.__file__).resolve().parent
     for entry in TRAINING_CODE:
-        files = sorted((package / entry).rglob("*.py")) if (package / entry).is_dir() else [package / entry]
+        # Every file, not only *.py, so compiled-kernel sources count too; bytecode caches do not.
+        files = (sorted(path for path in (package / entry).rglob("*")
+                        if path.is_file() and "__pycache__" not in path.parts)
+                 if (package / entry).is_dir() else [package / entry])
         for path in files:
             digest.update(path.relative_to(package).as_posix().encode("utf-8"))
             _update_with_file(digest, path)
