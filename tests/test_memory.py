@@ -94,15 +94,15 @@ print(json.dumps({"measured": after - before, "estimated": estimate.total - esti
 def test_estimate_matches_measured_step():
     """Peak RSS growth of one Samba step (gradients, AdamW state, activations) against the estimate.
 
-    With the pure-PyTorch scan the ratio estimate / measured was 0.84 to 1.09 over eight configs.
-    The C scan kernel saves less for backward, so the estimate is now conservative (about 1.7
-    measured on the development machine); the check refuses only configs that cannot fit.
+    Measured on the development machine with the C scan kernel: ratios estimate / measured
+    from 0.93 to 1.38 over eight configs (d_model 64 to 256, d_state 16 to 64, batch x length
+    512 to 4096), so the estimate errs high and the check refuses only configs that cannot fit.
     """
     result = subprocess.run([sys.executable, "-c", MEASURE], env=tool_env(), capture_output=True, text=True,
                             timeout=300, check=True)
     sizes = json.loads(result.stdout)
     ratio = sizes["estimated"] / sizes["measured"]
-    assert 0.7 < ratio < 2.0, sizes
+    assert 0.7 < ratio < 1.5, sizes
 
 
 def test_absurd_config_is_refused_before_training(tmp_path, ptb_dir, monkeypatch):

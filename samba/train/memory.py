@@ -4,19 +4,19 @@ Training is refused up front when the estimate exceeds what is free, instead of 
 killed by the out-of-memory killer hours in. The estimate counts float32 values:
 
 - weights, gradients and AdamW's two moments: 4 values per parameter;
-- per layer, the tensors the pure-PyTorch selective scan keeps for the backward pass,
-  each (batch, length, d_inner, d_state): exp(delta * A), the state h_t that each step
-  multiplies, and the stacked states y is read from (3 of them). Samba's readout also keeps
-  all layers' states concatenated (1 more per layer);
+- per layer, for Samba only, the returned states (batch, length, d_inner, d_state) that
+  the readout and the pruning loss read, and their concatenation for the readout (2 per
+  layer). The scan kernels keep only a checkpoint every CHUNK positions, so the baseline
+  keeps no state-sized tensor;
 - per layer, about 12 (batch, length, d_inner) and 4 (batch, length, d_model) tensors
   (projections, convolution, gates, residual stream);
 - the logits, their log-softmax and their gradient, each (batch, length, vocab_size), once
   for the LM head and once more for Samba's readout, plus the readout's hidden layer;
-- while one layer runs backward, the gradients of its 3 state-sized tensors.
+- while one Samba layer runs backward, the gradients of 2 state-sized tensors.
 
-NOTE: these counts follow samba.model.scan.selective_scan as written (a loop that keeps
-every h_t). A fused or chunked scan keeps fewer state-sized tensors, so this estimate then
-errs high. Allocator overhead and the Python process itself are not counted.
+NOTE: these counts follow the scan backends that keep checkpoints (the C kernel on CPU,
+the chunked PyTorch scan, mamba-ssm's fused kernel). Allocator overhead and the Python
+process itself are not counted.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import torch
 from samba.model import MambaConfig, ReadoutConfig
 
 BYTES_PER_VALUE = 4  # float32 weights, optimizer state and activations
-_SCAN_SAVED_PER_LAYER = 3
 _INNER_SAVED_PER_LAYER = 12
 _MODEL_SAVED_PER_LAYER = 4
 _LOGIT_COPIES = 3
@@ -80,10 +79,12 @@ def estimate_training_memory(kind: str, mamba: MambaConfig, readout: ReadoutConf
     params = count_parameters(kind, mamba, readout)
     tokens = batch * seq_len
     state_values = tokens * mamba.d_inner * mamba.d_state  # one (batch, length, d_inner, d_state) tensor
-    per_layer = (_SCAN_SAVED_PER_LAYER * state_values + _INNER_SAVED_PER_LAYER * tokens * mamba.d_inner
+    # Samba keeps every layer's states for the readout and the pruning loss; the baseline keeps none.
+    kept_states = 1 if kind == "samba" else 0
+    per_layer = (kept_states * state_values + _INNER_SAVED_PER_LAYER * tokens * mamba.d_inner
                  + _MODEL_SAVED_PER_LAYER * tokens * mamba.d_model)
     activations = mamba.n_layers * per_layer + _LOGIT_COPIES * tokens * mamba.vocab_size
-    activations += _SCAN_SAVED_PER_LAYER * state_values  # one layer's gradients during backward
+    activations += 2 * kept_states * state_values  # one layer's gradients during backward
     if kind == "samba":
         hidden = (readout or ReadoutConfig()).hidden_size
         activations += mamba.n_layers * state_values + 2 * tokens * hidden + _LOGIT_COPIES * tokens * mamba.vocab_size
