@@ -10,7 +10,7 @@ from conftest import TINY_PARAMS, REPO_ROOT
 from pipeline.params import Params, read_yaml
 from pipeline.stages.evaluate import run_evaluate
 from pipeline.stages.tokenize import run_tokenize
-from pipeline.stages.train import run_train
+from pipeline.stages.train import TrainOutputs, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +31,9 @@ def test_stages_apply_method_zeros(tmp_path: Path, ptb_dir: Path, method: str, s
     params = tiny_params(ptb_dir, method=method, site=site, target=0.75, penalty="l1_rms")
     run_tokenize(params, tmp_path / "tokens")
     for kind in ("baseline", "samba"):
-        run_train(params, kind, tmp_path / "tokens", tmp_path / kind, tmp_path / f"train_{kind}.json",
-                  tmp_path / f"timing_{kind}.json", tmp_path / f"train_{kind}.csv")
+        outputs = TrainOutputs(checkpoint=tmp_path / kind, metrics=tmp_path / f"train_{kind}.json",
+                               timing=tmp_path / f"timing_{kind}.json", curve=tmp_path / f"train_{kind}.csv")
+        run_train(params, kind, tmp_path / "tokens", outputs, checkpoint_dir=tmp_path / "state" / kind)
     report = run_evaluate(params, tmp_path / "tokens", tmp_path / "baseline", tmp_path / "samba",
                           tmp_path / "evaluate.json")
 
