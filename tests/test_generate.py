@@ -43,7 +43,8 @@ def assert_one_error_line(result, *fragments: str) -> None:
     assert result.exit_code == 2
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: "), result.output
     for fragment in fragments:
         assert fragment in lines[0]
 

@@ -1,7 +1,7 @@
 """Stage `evaluate`: both checkpoints on valid and test with their enforced zeros, plus a post-hoc sweep.
 
 Every perplexity and accuracy is measured with the zeros of the named method applied:
-`sparsity_method` says which (for a penalty-only model, none beyond those training made),
+`sparsity_method` names which (for a penalty-only model, none beyond those training made),
 and each sweep point applies topk or magnitude at its target on the test split.
 """
 

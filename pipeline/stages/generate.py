@@ -47,7 +47,7 @@ def run_generate(checkpoint_dir: Path, tokens_dir: Path, prompt: str, n_tokens: 
                  top_k: int, seed: int) -> str:
     """Continue `prompt` by n_tokens tokens sampled from the checkpoint and return the text.
 
-    The text is the prompt as the tokenizer sees it (unknown words become <unk>) followed
+    The text is the prompt as the tokenizer encodes it (unknown words become <unk>) followed
     by the sampled tokens. An empty prompt starts a new sentence.
     """
     try:

@@ -26,7 +26,7 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Tensor, history: Tensor | None 
     """Convolve x (batch, length, d_inner) causally with weight (d_inner, d_conv) and add bias (d_inner,).
 
     Output position t depends on inputs t - d_conv + 1 .. t. history (batch, d_conv - 1,
-    d_inner) holds the inputs before position 0, oldest first; None means zeros.
+    d_inner) contains the inputs before position 0, oldest first; None means zeros.
     """
     length, d_conv = x.shape[1], weight.shape[1]
     if history is None:

@@ -276,7 +276,7 @@ class MambaLM(nn.Module):
 
         Continues from `cache` and advances it by one position. The result equals the
         logits at that position of one forward pass over the whole sequence. With
-        return_states, states holds each layer's h_t as (batch, d_inner, d_state).
+        return_states, states contains each layer's h_t as (batch, d_inner, d_state).
         """
         if input_ids.ndim != 1:
             raise ValueError(f"step input_ids must have shape (batch,), got {tuple(input_ids.shape)}")

@@ -87,7 +87,7 @@ class SambaLM(nn.Module):
     def step(self, input_ids: Tensor, cache: InferenceCache) -> LMOutput:
         """Compute main and readout logits (batch, vocab_size) for one token per sequence, input_ids (batch,).
 
-        states holds each layer's h_t as (batch, d_inner, d_state). Advances `cache` by one position.
+        states contains each layer's h_t as (batch, d_inner, d_state). Advances `cache` by one position.
         """
         output = self.backbone.step(input_ids, cache, return_states=True)
         # The readout takes (batch, length, d_inner, d_state) per layer; here length is 1.

@@ -115,7 +115,7 @@ def remove(model: nn.Module) -> None:
 
 
 def install_config(model: nn.Module, config: SparsityConfig, thresholds: list[float] | None = None) -> list[Sparsifier]:
-    """Install the sparsifiers `config` asks for; magnitude needs the calibrated thresholds."""
+    """Install the sparsifiers that `config` requests; magnitude needs the calibrated thresholds."""
     return install(model, config.site, config.method, config.target, thresholds)
 
 
