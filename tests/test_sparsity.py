@@ -147,7 +147,8 @@ def test_accumulator_equals_concatenation() -> None:
         assert measured["near_zero_fraction_relative"] == near_zero_fraction_relative(whole, 0.05)
         assert measured["near_zero_fraction_absolute"] == near_zero_fraction_absolute(whole, 1e-2)
         assert measured["hoyer"] == pytest.approx(hoyer(whole), rel=1e-12)
-        assert measured["mean_abs"] == pytest.approx(whole.double().abs().mean().item(), rel=1e-12)
+        # Per-token sums of float32 states run in float32: mean |h| is exact to float32 rounding.
+        assert measured["mean_abs"] == pytest.approx(whole.double().abs().mean().item(), rel=1e-6)
         assert measured["nonzero_per_token"] == torch.count_nonzero(whole).item() / (8 * 7)
         assert measured["features_per_token"] == 24
 
@@ -157,7 +158,7 @@ def test_accumulator_equals_concatenation() -> None:
     assert overall["near_zero_fraction_relative"] == near_zero_fraction_relative(everything, 0.05)
     assert overall["near_zero_fraction_absolute"] == near_zero_fraction_absolute(everything, 1e-2)
     assert overall["hoyer"] == pytest.approx(hoyer(everything), rel=1e-12)
-    assert overall["mean_abs"] == pytest.approx(everything.double().abs().mean().item(), rel=1e-12)
+    assert overall["mean_abs"] == pytest.approx(everything.double().abs().mean().item(), rel=1e-6)
     assert overall["nonzero_per_token"] == torch.count_nonzero(everything).item() / (layers * 8 * 7)
 
 

@@ -6,7 +6,9 @@ flattened to (..., features). The relative measures compare values within a toke
 vector, so multiplying all states by a constant leaves them unchanged. The absolute
 threshold does not have this property, and it is reported only for comparison.
 
-Per-token quantities are computed in float64, and counts are kept as exact integers.
+Per-token norms are reduced in the states' own dtype (float32 for a model's states) and
+summed over tokens in float64; threshold comparisons are exact, and counts are kept as
+exact integers.
 """
 
 from __future__ import annotations
@@ -140,28 +142,31 @@ class _LayerCounts:
             raise ValueError(f"states changed size: {tokens.shape[1]} values per token vector, earlier {self.features} "
                              "(use one SparsityAccumulator per model)")
         self.channel_shape = tuple(h.shape[h.dim() - self.token_dims:])
-        nonzero = (tokens != 0).sum(dim=0)
+        nonzero = (tokens != 0).sum(dim=0, dtype=torch.int64)
         self.nonzero_per_feature = nonzero if self.nonzero_per_feature is None else self.nonzero_per_feature + nonzero
-        self._add_relative_shape(tokens)
+        n_zero = tokens.numel() - int(nonzero.sum().item())
+        l1, l2 = _token_norms(tokens)
+        rms = l2 / math.sqrt(tokens.shape[1])
         self.features = tokens.shape[1]
         self.n_values += tokens.numel()
         self.n_tokens += tokens.shape[0]
-        self.exact_zero += int((tokens == 0).sum().item())
-        self.near_relative += _count_below_relative(tokens, relative_threshold)
-        self.near_absolute += _count_below_absolute(tokens, absolute_threshold)
-        self.abs_sum += tokens.abs().sum().item()
-        self.hoyer_weighted_sum += _hoyer_sum(tokens) * self.features
-
-    def _add_relative_shape(self, tokens: Tensor) -> None:
-        """Add the scale-free sums: mean |v| / RMS per token and the histogram of log10(|v| / RMS)."""
-        rms = tokens.square().mean(dim=1, keepdim=True).sqrt()
+        self.exact_zero += n_zero
+        self.near_relative += _count_within(tokens, relative_threshold * rms)
+        self.near_absolute += _count_within(tokens, torch.tensor(absolute_threshold, dtype=torch.float64))
+        self.abs_sum += l1.sum().item()
+        self.hoyer_weighted_sum += _hoyer_from_norms(l1, l2, self.features).sum().item() * self.features
         safe_rms = torch.where(rms > 0, rms, torch.ones_like(rms))
-        self.ratio_sum += (tokens.abs().mean(dim=1, keepdim=True) / safe_rms).sum().item()
-        relative = (tokens.abs() / safe_rms)[tokens != 0].log10()
-        edges = torch.tensor(HISTOGRAM_EDGES, dtype=torch.float64)
-        relative = relative.clamp(edges[0].item(), edges[-1].item())  # Outliers land in the end bins.
-        counts = torch.histogram(relative, bins=edges).hist
-        self.histogram = [old + int(new) for old, new in zip(self.histogram, counts.tolist())]
+        self.ratio_sum += (l1 / self.features / safe_rms).sum().item()
+        self._add_histogram(tokens, safe_rms, n_zero)
+
+    def _add_histogram(self, tokens: Tensor, safe_rms: Tensor, n_zero: int) -> None:
+        """Count the nonzero values in bins of log10(|v| / token RMS); outliers land in the end bins."""
+        low, high = HISTOGRAM_EDGES[0], HISTOGRAM_EDGES[-1]
+        scale = safe_rms.to(tokens.dtype).unsqueeze(1)
+        relative = tokens.abs().div_(scale).log10_().clamp_(low, high)  # Exact zeros go to the first bin.
+        counts = torch.histc(relative, bins=len(HISTOGRAM_EDGES) - 1, min=low, max=high).to(torch.int64)
+        counts[0] -= n_zero
+        self.histogram = [old + new for old, new in zip(self.histogram, counts.tolist())]
 
     def channel_firing_rate(self) -> list[float]:
         """Return per channel (first token dim) the share of its values over all tokens that are nonzero."""
@@ -197,34 +202,57 @@ class _LayerCounts:
 
 
 def _token_vectors(h: Tensor, token_dims: int) -> Tensor:
-    """Reshape h to (n_tokens, features) in float64, each row one token vector."""
+    """Reshape h to (n_tokens, features), each row one token vector, in its floating dtype."""
     if token_dims < 1 or h.dim() < token_dims:
         raise ValueError(f"token_dims must be between 1 and h.dim()={h.dim()}, got {token_dims}")
     _check_nonempty(h)
     features = math.prod(h.shape[h.dim() - token_dims:])
-    return h.detach().reshape(-1, features).to(torch.float64)
+    tokens = h.detach().reshape(-1, features)
+    return tokens if tokens.is_floating_point() else tokens.to(torch.float64)
+
+
+def _token_norms(tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Return the L1 and L2 norm of each row of `tokens`, reduced in its dtype and returned as float64."""
+    l1 = torch.linalg.vector_norm(tokens, 1, dim=1).to(torch.float64)
+    l2 = torch.linalg.vector_norm(tokens, 2, dim=1).to(torch.float64)
+    return l1, l2
+
+
+def _count_within(tokens: Tensor, bound: Tensor) -> int:
+    """Count the values with |v| <= bound, exactly as if compared in float64.
+
+    `bound` is float64, a scalar or one value per row. It is rounded down to the dtype of
+    `tokens`, so a float32 value just above 1e-3 is not rounded onto the bound.
+    """
+    below = bound.to(tokens.dtype)
+    below = torch.where(below.to(torch.float64) > bound, torch.nextafter(below, torch.full_like(below, -math.inf)),
+                        below)
+    if below.dim():
+        below = below.unsqueeze(1)
+    return int(torch.count_nonzero((tokens <= below) & (tokens >= -below)).item())
 
 
 def _count_below_relative(tokens: Tensor, threshold: float) -> int:
-    rms = tokens.square().mean(dim=1, keepdim=True).sqrt()  # (n_tokens, 1)
-    return int((tokens.abs() <= threshold * rms).sum().item())
+    _, l2 = _token_norms(tokens)
+    return _count_within(tokens, threshold * l2 / math.sqrt(tokens.shape[1]))
 
 
 def _count_below_absolute(h: Tensor, threshold: float) -> int:
-    # float64 like the other measures, so a float32 value just above 1e-3 is not rounded onto it.
-    return int((h.detach().to(torch.float64).abs() <= threshold).sum().item())
+    return _count_within(h.detach().reshape(-1), torch.tensor(threshold, dtype=torch.float64))
+
+
+def _hoyer_from_norms(l1: Tensor, l2: Tensor, features: int) -> Tensor:
+    """Return Hoyer's measure per row from its L1 and L2 norms; 1.0 for an all-zero row."""
+    if features < 2:
+        raise ValueError(f"Hoyer's measure needs at least 2 values per token vector, got {features}")
+    root_n = math.sqrt(features)
+    measure = (root_n - l1 / torch.where(l2 > 0, l2, torch.ones_like(l2))) / (root_n - 1)
+    return torch.where(l2 > 0, measure, torch.ones_like(measure))
 
 
 def _hoyer_sum(tokens: Tensor) -> float:
     """Return the sum of Hoyer's measure over the rows of `tokens` (n_tokens, features)."""
-    features = tokens.shape[1]
-    if features < 2:
-        raise ValueError(f"Hoyer's measure needs at least 2 values per token vector, got {features}")
-    l1 = tokens.abs().sum(dim=1)
-    l2 = tokens.square().sum(dim=1).sqrt()
-    root_n = math.sqrt(features)
-    measure = (root_n - l1 / l2) / (root_n - 1)
-    return torch.where(l2 > 0, measure, torch.ones_like(measure)).sum().item()
+    return _hoyer_from_norms(*_token_norms(tokens), tokens.shape[1]).sum().item()
 
 
 def _check_nonempty(h: Tensor) -> None:
