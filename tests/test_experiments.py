@@ -28,6 +28,7 @@ from pipeline.tracking import EXPERIMENT_ROLE, PARENT_TAG, ROLE_TAG, tracking_ur
 
 pytestmark = pytest.mark.slow
 
+WORKSPACE_MARKER = "stage code imported from the workspace copy"
 MLFLOW_EXPERIMENT = "samba-tiny"
 # Summary metrics that `evaluate` logs on each experiment's parent run.
 SUMMARY_METRICS = ("samba.test.ppl_token", "samba.test.sparsity.near_zero_fraction_relative",
@@ -67,6 +68,9 @@ def temp_experiment(tmp_path_factory, ptb_dir) -> dict:
             shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(source, project / name)
+    # Only the project's copy prints this, so it shows which copy of the code the stages import.
+    main = project / "pipeline" / "__main__.py"
+    main.write_text(f"print({WORKSPACE_MARKER!r})\n" + main.read_text(encoding="utf-8"), encoding="utf-8")
     corpus = project / "corpus"
     corpus.mkdir()
     for split in ("train", "valid", "test"):
@@ -86,6 +90,12 @@ def temp_experiment(tmp_path_factory, ptb_dir) -> dict:
     run(["git", "commit", "-q", "-m", "Track the corpus with DVC"], project)
     tracked = run(["dvc", "exp", "run", "--temp", "-n", "tiny-l1", "-S", "loss.pruning_weight=1e-07"], project)
     return {"project": project, "untracked": untracked, "tracked": tracked}
+
+
+def test_temp_run_executes_its_workspace_code(temp_experiment):
+    # `--temp` runs in a copy under .dvc/tmp/exps; an installed `samba` script would import the
+    # package from where it was installed and never print the copy's marker.
+    assert temp_experiment["tracked"].stdout.count(WORKSPACE_MARKER) == 5  # One per stage.
 
 
 def test_untracked_corpus_fails_early(temp_experiment):
