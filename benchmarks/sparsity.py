@@ -8,14 +8,15 @@ from top-k sparsifiers at the site, so the pattern is that of topk, not of a tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
 import torch.nn.functional as F
 
 from samba.model import MambaConfig, MambaLM
-from samba.sparsity import install
-from samba.sparsity.sparse_linear import SparseInputLinear, sparse_input_matvec
+from samba.sparsity import install, site_input_linears, sparse_input_linears
+from samba.sparsity.sparse_linear import sparse_input_matvec
 
 SPARSITIES = (0.5, 0.75, 0.9, 0.95)
 
@@ -52,43 +53,44 @@ def matmul_table(d_model: int, n_layers: int, d_state: int, hidden: int, repeats
     return lines
 
 
-class _Timed(torch.nn.Module):
-    """Wrap a linear layer and add its wall time to a shared counter."""
+def _time_modules(modules: list[torch.nn.Module], clock: list[float]) -> list:
+    """Add the wall time of every call of `modules` to clock[0]; return the hook handles."""
+    starts: dict[int, float] = {}
 
-    def __init__(self, inner: torch.nn.Module, clock: list[float]) -> None:
-        super().__init__()
-        self.inner, self.clock = inner, clock
+    def before(module, _inputs):
+        starts[id(module)] = time.perf_counter()
 
-    def forward(self, x):
-        start = time.perf_counter()
-        out = self.inner(x)
-        self.clock[0] += time.perf_counter() - start
-        return out
+    def after(module, _inputs, _output):
+        clock[0] += time.perf_counter() - starts[id(module)]
+
+    handles = []
+    for module in modules:
+        handles.append(module.register_forward_pre_hook(before))
+        handles.append(module.register_forward_hook(after))
+    return handles
 
 
 @torch.no_grad()
 def decode_tokens_per_s(model: MambaLM, site: str, sparse: bool, tokens: int) -> tuple[float, float]:
-    """Decode `tokens` tokens greedily at batch 1 with MambaLM.step; return tokens/s and the share of time in the site's matmuls."""
-    clock = [0.0]
-    readers = []
-    for index, layer in enumerate(model.layers):
-        mixer = layer.mixer
-        if site == "inner":
-            readers.append((mixer, "out_proj"))
-        elif index + 1 < len(model.layers):
-            readers.append((model.layers[index + 1].mixer, "in_proj"))
-    originals = [(owner, name, getattr(owner, name)) for owner, name in readers]
-    for owner, name, linear in originals:
-        setattr(owner, name, _Timed(SparseInputLinear(linear) if sparse else linear, clock))
+    """Decode `tokens` tokens greedily at batch 1 with MambaLM.step; return tokens/s and the share of time in the site's matmuls.
 
-    cache = model.new_cache()
-    token = torch.zeros(1, dtype=torch.long)
-    start = time.perf_counter()
-    for _ in range(tokens):
-        token = model.step(token, cache).logits.argmax(dim=-1)
-    seconds = time.perf_counter() - start
-    for owner, name, linear in originals:
-        setattr(owner, name, linear)
+    The site's matmuls are the linear layers that sparse_input_linears replaces; with
+    `sparse` they run through SparseInputLinear, as `samba generate` runs them.
+    """
+    clock = [0.0]
+    with contextlib.ExitStack() as stack:
+        if sparse:
+            stack.enter_context(sparse_input_linears(model, site))
+        readers = [getattr(owner, attribute) for _, owner, attribute in site_input_linears(model, site)]
+        for handle in _time_modules(readers, clock):
+            stack.callback(handle.remove)
+
+        cache = model.new_cache()
+        token = torch.zeros(1, dtype=torch.long)
+        start = time.perf_counter()
+        for _ in range(tokens):
+            token = model.step(token, cache).logits.argmax(dim=-1)
+        seconds = time.perf_counter() - start
     return tokens / seconds, clock[0] / seconds
 
 

@@ -171,11 +171,23 @@ def generate(
     top_k: Annotated[int, typer.Option("--top-k", help="Sample from the k most likely tokens only; "
                                                        "0 samples from the whole vocabulary.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the sampler: the same seed gives the same text.")] = 0,
+    dense: Annotated[bool, typer.Option(
+        "--dense", help="Run every matmul dense, also where the checkpoint's topk or magnitude zeros at "
+                        "block_output or inner would let decoding multiply only the nonzero inputs.")] = False,
+    params: Annotated[Path, typer.Option(
+        "--params", help="params.yaml whose eval.seq_len and eval.batch_size calibrate a magnitude "
+                         "checkpoint's thresholds; other checkpoints do not read it.")] = Path("params.yaml"),
 ) -> None:
-    """Print text sampled from a trained checkpoint, continuing the prompt."""
+    """Print text sampled from a trained checkpoint, continuing the prompt.
+
+    A checkpoint trained with topk or magnitude zeros generates with them applied. On the
+    CPU, zeros at block_output or inner make decoding multiply only the weight rows of
+    nonzero inputs in the layers that read them. The log names those layers.
+    """
     from pipeline.stages.generate import run_generate
 
-    text = _run(lambda: run_generate(checkpoint, tokens, prompt, n_tokens, temperature, top_k, seed))
+    text = _run(lambda: run_generate(checkpoint, tokens, prompt, n_tokens, temperature, top_k, seed,
+                                     dense=dense, params_path=params))
     typer.echo(text)
 
 

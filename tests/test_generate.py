@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,8 @@ from pipeline.params import load_params
 from pipeline.stages.tokenize import TOKENIZER_FILE, run_tokenize
 from pipeline.stages.train import TrainOutputs, run_train
 from samba.generate import generate, sample_next
+from samba.model import MambaConfig, MambaLM, SambaConfig, SambaLM
+from samba.sparsity import install, sparse_linear
 
 runner = CliRunner()
 
@@ -132,6 +137,95 @@ def test_generate_matches_full_forward_sampling(trained) -> None:
             logits = model(torch.tensor([ids])).logits[:, -1]
             ids.append(int(sample_next(logits, 0.8, 20, generator).item()))
     assert new_ids == ids[len(prompt):]
+
+
+def tiny_model(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    mamba = MambaConfig(vocab_size=40, d_model=16, n_layers=3, d_state=4)
+    return MambaLM(mamba) if kind == "baseline" else SambaLM(SambaConfig(mamba=mamba))
+
+
+@pytest.fixture
+def sparse_calls(monkeypatch) -> list[int]:
+    """Count the matrix-vector products that take the sparse-input path."""
+    calls: list[int] = []
+    matvec = sparse_linear.sparse_input_matvec
+
+    def counting_matvec(*args):
+        calls.append(1)
+        return matvec(*args)
+
+    monkeypatch.setattr(sparse_linear, "sparse_input_matvec", counting_matvec)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["baseline", "samba"])
+@pytest.mark.parametrize("site", ["block_output", "inner"])
+def test_sparse_decode_gives_dense_tokens(kind: str, site: str, sparse_calls: list[int]) -> None:
+    model = tiny_model(kind)
+    install(model, site, "topk", target=0.9)
+    dense = generate(model, [4, 7], 24, seed=5)
+    assert sparse_calls == []
+    sparse = generate(model, [4, 7], 24, seed=5, sparse_site=site)
+    # Three linear layers read each site, and 24 tokens take 23 decode steps after the prefill.
+    assert len(sparse_calls) == 3 * 23
+    assert sparse == dense
+    assert not any(isinstance(module, sparse_linear.SparseInputLinear) for module in model.modules())
+
+
+def with_sparsity(trained: dict[str, Path], tmp_path: Path, **sparsity) -> Path:
+    """Copy the trained Samba checkpoint with its config's sparsity section updated."""
+    folder = tmp_path / "samba"
+    shutil.copytree(trained["samba"], folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["sparsity"].update(sparsity)
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def generate_text(trained: dict[str, Path], checkpoint: Path, *args: str):
+    params = trained["tokens"].parent / "params.yaml"
+    return runner.invoke(app, ["generate", "--checkpoint", str(checkpoint), "--tokens", str(trained["tokens"]),
+                               "--params", str(params), "--prompt", "the company", "--n-tokens", "12",
+                               "--seed", "2", *args])
+
+
+@pytest.mark.parametrize(("method", "site", "reader"), [
+    ("topk", "block_output", "backbone.layers.1.mixer.in_proj, backbone.lm_head"),
+    ("topk", "inner", "backbone.layers.0.mixer.out_proj, backbone.layers.1.mixer.out_proj"),
+    ("magnitude", "block_output", "backbone.layers.1.mixer.in_proj, backbone.lm_head"),
+])
+def test_cli_sparse_decode_matches_dense(trained, tmp_path: Path, caplog, sparse_calls: list[int],
+                                         method: str, site: str, reader: str) -> None:
+    checkpoint = with_sparsity(trained, tmp_path, method=method, site=site, target=0.9)
+    with caplog.at_level(logging.INFO, logger="pipeline.stages.generate"):
+        dense = generate_text(trained, checkpoint, "--dense")
+        assert dense.exit_code == 0, dense.output
+        assert sparse_calls == []
+        sparse = generate_text(trained, checkpoint)
+        assert sparse.exit_code == 0, sparse.output
+    assert sparse_calls, "no decode step took the sparse-input path"
+    assert sparse.stdout == dense.stdout
+    messages = [record.getMessage() for record in caplog.records]
+    assert "all matmuls run dense: --dense was given" in messages
+    assert any(message.startswith(f"sparse-input matmuls ({method} zeros at {site}): {reader}.")
+               for message in messages), messages
+
+
+@pytest.mark.parametrize(("kind", "sparsity"), [
+    ("baseline", {}),
+    ("samba", {"method": "none", "site": "block_output"}),
+    ("samba", {"method": "topk", "site": "ssm_state"}),
+])
+def test_cli_decodes_dense_without_site_zeros(trained, tmp_path: Path, caplog, sparse_calls: list[int],
+                                              kind: str, sparsity: dict) -> None:
+    checkpoint = with_sparsity(trained, tmp_path, **sparsity) if sparsity else trained[kind]
+    with caplog.at_level(logging.INFO, logger="pipeline.stages.generate"):
+        result = generate_text(trained, checkpoint)
+    assert result.exit_code == 0, result.output
+    assert sparse_calls == []
+    messages = [record.getMessage() for record in caplog.records]
+    assert "all matmuls run dense: the checkpoint enforces no zeros at block_output or inner" in messages
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ samba.sparsity imports nothing from samba.model, so the model modules can import
 """
 
 from samba.sparsity.config import METHODS, PENALTIES, SITES, SparsityConfig
+from samba.sparsity.sparse_linear import SparseInputLinear, site_input_linears, sparse_input_linears
 from samba.sparsity.sparsifier import (
     SITE_TOKEN_DIMS,
     Sparsifier,
@@ -23,6 +24,7 @@ __all__ = [
     "SITES",
     "SITE_TOKEN_DIMS",
     "Sparsifier",
+    "SparseInputLinear",
     "SparsityConfig",
     "calibrate_thresholds",
     "install",
@@ -31,5 +33,7 @@ __all__ = [
     "magnitude_threshold",
     "record_sites",
     "remove",
+    "site_input_linears",
+    "sparse_input_linears",
     "topk_keep_count",
 ]

@@ -8,9 +8,14 @@ copying them first, so the work scales with k instead of n.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from samba.sparsity.config import SITES
 
 # Share of nonzero inputs below which the sparse path wins. NOTE: an estimate from
 # docs/benchmarks-sparsity.md (one CPU thread, d_model 1024); recalibrate on other hardware.
@@ -53,3 +58,53 @@ class SparseInputLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         bias = self.bias.detach() if self.bias is not None else None
         return sparse_input_matvec(vector, self.weight_t, bias).reshape(*x.shape[:-1], -1)
+
+
+def site_input_linears(model: nn.Module, site: str) -> list[tuple[str, nn.Module, str]]:
+    """List the linear layers that decode runs on `site`'s tensor, as (qualified name, owner, attribute).
+
+    `model` is a MambaLM or a SambaLM (whose `backbone` is one). At `inner` each layer's
+    out_proj reads the sparsified gated output itself. At `block_output` the sparsified
+    output of layer i passes through layer i + 1's RMSNorm into its in_proj, and the last
+    layer's through norm_f into the LM head. RMSNorm only scales each feature, so its output
+    is zero wherever its input is. `ssm_state` lists nothing: the states feed only the
+    readout's first layer, which decode does not run.
+    """
+    if site not in SITES:
+        raise ValueError(f"site must be one of {', '.join(SITES)}, got {site!r}")
+    if site == "ssm_state":
+        return []
+    backbone = getattr(model, "backbone", model)
+    if site == "inner":
+        readers = [(layer.mixer, "out_proj") for layer in backbone.layers]
+    else:
+        readers = [(layer.mixer, "in_proj") for layer in backbone.layers[1:]]
+        readers.append((backbone, "lm_head"))
+    module_names = {id(module): name for name, module in model.named_modules()}
+    return [(f"{module_names[id(owner)]}.{attribute}".lstrip("."), owner, attribute) for owner, attribute in readers]
+
+
+@contextmanager
+def sparse_input_linears(model: nn.Module, site: str,
+                         max_density: float = DEFAULT_MAX_DENSITY) -> Iterator[list[str]]:
+    """Replace the nn.Linear layers that read `site`'s tensor with SparseInputLinear while the block runs.
+
+    Yields the qualified names of the replaced layers (none for ssm_state) and puts the
+    original layers back on exit, also after an error. Each replacement shares its
+    layer's weight and holds a transposed copy of it, so the weights must not change
+    inside the block. The outputs equal the dense ones up to float rounding.
+    """
+    readers = site_input_linears(model, site)
+    for name, owner, attribute in readers:
+        layer = getattr(owner, attribute)
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"{name} is a {type(layer).__name__}, not an nn.Linear: "
+                             "leave the enclosing sparse_input_linears block before entering another")
+    originals = [(owner, attribute, getattr(owner, attribute)) for _, owner, attribute in readers]
+    for owner, attribute, linear in originals:
+        setattr(owner, attribute, SparseInputLinear(linear, max_density))
+    try:
+        yield [name for name, _, _ in readers]
+    finally:
+        for owner, attribute, linear in originals:
+            setattr(owner, attribute, linear)
