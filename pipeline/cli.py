@@ -35,6 +35,8 @@ MetricsDirOption = Annotated[Path, typer.Option("--metrics-dir", help="Folder fo
 PlotsDirOption = Annotated[Path, typer.Option("--plots-dir", help="Folder for training-curve CSV files.")]
 
 USER_ERRORS = (ParamsError, StageError, CorpusError, CheckpointError)
+# Subfolder of the report stage's output that params report.experiments fills.
+EXPERIMENTS_FOLDER = "experiments"
 
 
 def _run(action: Callable[[], T]) -> T:
@@ -193,6 +195,7 @@ def generate(
 
 @app.command()
 def report(
+    params: ParamsOption = Path("params.yaml"),
     metrics_dir: MetricsDirOption = Path("metrics"),
     plots_dir: PlotsDirOption = Path("plots"),
     out: Annotated[Path | None, typer.Option(
@@ -201,25 +204,32 @@ def report(
         "--experiments", help="Compare all DVC experiments and commits of the repository instead of one run: "
         "a table, a perplexity-vs-sparsity Pareto plot and alpha x lambda heat maps.")] = False,
     split: Annotated[Literal["valid", "test"], typer.Option(
-        help="Split that --experiments compares on.")] = "valid",
+        help="Split that --experiments and params report.experiments compare on.")] = "valid",
 ) -> None:
     """Write reports/report.md (this run: both models, headline numbers, plots), or with --experiments
-    experiments/experiments.md comparing every experiment."""
+    experiments/experiments.md comparing every experiment. With params `report.experiments: true`,
+    reports/experiments also gets that comparison."""
+    from pipeline.stages.aggregate import AggregateError, write_aggregate_report, write_stage_aggregate
     from pipeline.stages.report import ReportInputError, write_report
+    from pipeline.workspace import workspace_root
 
-    def action() -> Path:
-        if experiments:
-            from pipeline.stages.aggregate import AggregateError, write_aggregate_report
-            from pipeline.workspace import workspace_root
-
-            try:
-                return write_aggregate_report(workspace_root(), out or Path("experiments"), split)
-            except AggregateError as error:
-                raise StageError(str(error)) from None
+    def compare_experiments() -> Path:
         try:
-            return write_report(metrics_dir, plots_dir, out or Path("reports"))
-        except ReportInputError as error:
+            return write_aggregate_report(workspace_root(), out or Path("experiments"), split)
+        except AggregateError as error:
             raise StageError(str(error)) from None
 
-    path = _run(action)
+    def stage(loaded: Params) -> Path:
+        try:
+            path = write_report(metrics_dir, plots_dir, out or Path("reports"))
+        except ReportInputError as error:
+            raise StageError(str(error)) from None
+        if loaded.report.experiments:
+            try:
+                write_stage_aggregate(workspace_root(), path.parent / EXPERIMENTS_FOLDER, split)
+            except AggregateError as error:
+                raise StageError(f"{error}; set report.experiments: false to skip the comparison") from None
+        return path
+
+    path = _run(compare_experiments) if experiments else _run_stage(params, stage)
     typer.echo(f"wrote {path}")

@@ -129,6 +129,10 @@ class TrackingParams(Section):
     experiment: str = Field("samba", min_length=1)
 
 
+class ReportParams(Section):
+    experiments: bool = False
+
+
 class Params(Section):
     data: DataParams = DataParams()
     tokenizer: TokenizerParams = TokenizerParams()
@@ -139,6 +143,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
     tracking: TrackingParams = TrackingParams()
+    report: ReportParams = ReportParams()
 
     def flat(self) -> dict[str, Any]:
         """Return every param as a dotted key, e.g. {"loss.pruning_weight": 0.1}."""

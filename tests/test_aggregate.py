@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,14 +13,18 @@ from pipeline.cli import app
 from pipeline.stages.aggregate import (
     AggregateError,
     collect_results,
+    in_temporary_workspace,
     pareto_front,
     render_markdown,
     table_rows,
     write_aggregate_report,
+    write_stage_aggregate,
 )
-from test_report import make_evaluation
+from test_report import make_evaluation, write_inputs
 
 BASE_REV = "c0ffee" + "0" * 34
+AGGREGATE_FILES = ("experiments.md", "experiments.csv", "pareto.png", "heatmaps.png")
+AGGREGATE_LOGGER = "pipeline.stages.aggregate"
 
 
 def evaluation(ppl: float, near_zero: float) -> dict:
@@ -168,3 +173,95 @@ def test_evaluation_without_dvc_dropped_lists():
     assert restored["abs_over_rms_histogram"] is None
     assert restored["nested"]["site_active_params"]["matmuls"] == []
     assert _evaluation({"metrics": {}}) is None
+
+
+@pytest.mark.parametrize(("parts", "expected"), [
+    (("project",), False),
+    (("project", ".dvc", "tmp", "exps", "tmpab12cd"), True),
+    (("project", ".dvc", "tmp", "exps", "celery", "tmpab12cd", "sub"), True),
+    (("project", ".dvc", "tmp"), False),
+    (("project", "tmp", "exps"), False),
+])
+def test_temporary_workspace_detected(tmp_path, parts, expected):
+    assert in_temporary_workspace(tmp_path.joinpath(*parts)) is expected
+
+
+def test_stage_aggregate_writes_and_logs(sweep, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=AGGREGATE_LOGGER)
+    out_dir = tmp_path / "reports" / "experiments"
+    path = write_stage_aggregate(tmp_path, out_dir, "valid", show=sweep)
+    assert path == out_dir / "experiments.md"
+    for name in AGGREGATE_FILES:
+        assert (out_dir / name).is_file(), name
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "comparing 3 DVC experiments on the valid split" in message
+    assert "new experiments do not rerun this stage" in message
+    assert "dvc repro --force --single-item report" in message
+
+
+def test_stage_aggregate_skips_temporary_workspace(sweep, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=AGGREGATE_LOGGER)
+    repo = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    assert write_stage_aggregate(repo, repo / "reports" / "experiments", "valid", show=sweep) is None
+    assert not (repo / "reports").exists()
+    (record,) = caplog.records
+    assert "skipped the comparison of experiments" in record.getMessage()
+    assert "temporary DVC workspace" in record.getMessage()
+
+
+def test_stage_aggregate_skips_without_experiments(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=AGGREGATE_LOGGER)
+    # Only the workspace has results: nothing to compare it with yet.
+    show = exp_show([experiment("waiting", "d" * 40, data(0.25, 0.01, None), state="queued")],
+                    workspace=data(0.5, 0.1, evaluation(150.0, 0.20)))
+    assert write_stage_aggregate(tmp_path, tmp_path / "out", "valid", show=show) is None
+    assert not (tmp_path / "out").exists()
+    (record,) = caplog.records
+    assert "no DVC experiment" in record.getMessage()
+
+
+def test_table_ignores_report_params(sweep):
+    sweep[1]["experiments"][0]["revs"][0]["data"] = data(0.5, 0.01, evaluation(150.0, 0.20),
+                                                         report={"experiments": True})
+    header, _ = table_rows(collect_results(sweep).results, "valid")
+    assert "report.experiments" not in header
+
+
+def report_command(tmp_path: Path, params_text: str) -> list[str]:
+    """Return `samba report` arguments for per-run inputs in tmp_path and a params.yaml with params_text."""
+    metrics_dir, plots_dir = write_inputs(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(params_text, encoding="utf-8")
+    return ["report", "--params", str(params), "--metrics-dir", str(metrics_dir),
+            "--plots-dir", str(plots_dir), "--out", str(tmp_path / "reports")]
+
+
+def test_report_stage_default_writes_no_comparison(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, report_command(tmp_path, "report:\n  experiments: false\n"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "reports" / "report.md").is_file()
+    assert not (tmp_path / "reports" / "experiments").exists()
+
+
+def test_report_stage_skips_in_temporary_workspace(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger=AGGREGATE_LOGGER)
+    workspace = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    workspace.mkdir(parents=True)
+    (workspace / "dvc.yaml").write_text("stages: {}\n", encoding="utf-8")
+    monkeypatch.chdir(workspace)
+    result = CliRunner().invoke(app, report_command(workspace, "report:\n  experiments: true\n"))
+    assert result.exit_code == 0, result.output
+    assert (workspace / "reports" / "report.md").is_file()
+    assert not (workspace / "reports" / "experiments").exists()
+    assert any("temporary DVC workspace" in record.getMessage() for record in caplog.records)
+
+
+def test_report_stage_outside_repository_fails(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, report_command(tmp_path, "report:\n  experiments: true\n"))
+    assert result.exit_code == 2
+    assert "error: `dvc exp show` failed in" in result.output
+    assert "set report.experiments: false to skip the comparison" in result.output
+    assert not (tmp_path / "reports" / "experiments").exists()

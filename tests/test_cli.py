@@ -23,7 +23,7 @@ def test_help_lists_commands():
 def test_command_help_describes_options(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0
-    assert "--params" in result.output or command == "report"
+    assert "--params" in result.output
     assert "Folder" in result.output or "folder" in result.output
 
 
@@ -77,7 +77,9 @@ def test_missing_local_folder(tmp_path: Path):
 
 
 def test_report_without_metrics(tmp_path: Path):
-    result = invoke(["report", "--metrics-dir", str(tmp_path), "--plots-dir", str(tmp_path),
+    params = tmp_path / "params.yaml"
+    params.write_text("")
+    result = invoke(["report", "--params", str(params), "--metrics-dir", str(tmp_path), "--plots-dir", str(tmp_path),
                      "--out", str(tmp_path / "reports")])
     assert result.exit_code == 2
     assert "not found" in result.output

@@ -57,7 +57,11 @@ def sweep_param_keys(project: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def temp_experiment(tmp_path_factory, ptb_dir) -> dict:
-    """An in-repository corpus: a `--temp` run while it is untracked, then one after `dvc add`."""
+    """An in-repository corpus: a `--temp` run while it is untracked, then one after `dvc add`.
+
+    The second run also sets report.experiments: true, and its report stage skips the comparison
+    because it runs in a temporary workspace.
+    """
     from conftest import PROJECT_FILES, REPO_ROOT
 
     project = tmp_path_factory.mktemp("temp-exp") / "project"
@@ -88,7 +92,8 @@ def temp_experiment(tmp_path_factory, ptb_dir) -> dict:
     run(["dvc", "add", "-q", "corpus"], project)
     run(["git", "add", "corpus.dvc", ".gitignore"], project)
     run(["git", "commit", "-q", "-m", "Track the corpus with DVC"], project)
-    tracked = run(["dvc", "exp", "run", "--temp", "-n", "tiny-l1", "-S", "loss.pruning_weight=1e-07"], project)
+    tracked = run(["dvc", "exp", "run", "--temp", "-n", "tiny-l1", "-S", "loss.pruning_weight=1e-07",
+                   "-S", "report.experiments=true"], project)
     return {"project": project, "untracked": untracked, "tracked": tracked}
 
 
@@ -165,6 +170,46 @@ def test_outputs_in_dvc_cache_not_git(temp_experiment):
         assert cached.is_file(), f"{path} is not in the DVC cache ({cached})"
 
 
+def ref_files(project: Path, name: str) -> list[str]:
+    return run(["git", "ls-tree", "-r", "--name-only", exp_ref(project, name)], project).stdout.split()
+
+
+@pytest.fixture(scope="module")
+def stage_comparison(temp_experiment) -> dict:
+    """tiny-l1 applied to the workspace, then its report stage forced, so it compares all experiments.
+
+    Only the report stage runs: `dvc exp apply` checks out tiny-l1's outputs and `--single-item`
+    keeps `--force` from training again.
+    """
+    project = temp_experiment["project"]
+    run(["dvc", "exp", "apply", "tiny-l1"], project)
+    forced = run(["dvc", "repro", "--force", "--single-item", "report"], project)
+    status = run(["dvc", "status"], project)
+    return {"project": project, "forced": forced, "status": status}
+
+
+def test_report_stage_skips_comparison_in_temp_run(temp_experiment):
+    output = temp_experiment["tracked"].stdout + temp_experiment["tracked"].stderr
+    assert "skipped the comparison of experiments" in output
+    assert "temporary DVC workspace" in output
+    files = ref_files(temp_experiment["project"], "tiny-l1")
+    assert "reports/report.md" in files
+    assert not [name for name in files if name.startswith("reports/experiments/")]
+
+
+def test_report_stage_compares_experiments(stage_comparison):
+    project = stage_comparison["project"]
+    output = stage_comparison["forced"].stdout + stage_comparison["forced"].stderr
+    assert "comparing 1 DVC experiment on the valid split" in output
+    assert "new experiments do not rerun this stage" in output
+    assert "Running stage 'train_samba'" not in output
+    text = (project / "reports" / "experiments" / "experiments.md").read_text(encoding="utf-8")
+    assert "| tiny-l1 |" in text
+    for picture in ("pareto.png", "heatmaps.png"):
+        assert (project / "reports" / "experiments" / picture).read_bytes().startswith(b"\x89PNG")
+    assert "up to date" in stage_comparison["status"].stdout
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -236,6 +281,10 @@ def test_queued_sweep_in_mlflow_server_and_report(tiny_project: Path, tmp_path: 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     names = sorted(exp["name"] for baseline in shown for exp in baseline.get("experiments") or [])
     assert len(names) == 2, shown
+    for name in names:  # report.experiments is false by default: no comparison in the report stage.
+        files = ref_files(project, name)
+        assert "reports/report.md" in files
+        assert not [file for file in files if file.startswith("reports/experiments/")]
 
     server = MlflowServer(project, tmp_path / "mlflow-server.log")
     try:

@@ -5,15 +5,21 @@ commit and experiment ref, the params.yaml and metrics files that dvc.lock vouch
 report covers exactly the completed experiments and regenerates identically later. The MLflow
 store also contains failed, interrupted and superseded runs, which suits browsing, not a record.
 
-This is a command to run after a sweep (`samba report --experiments`), not a DVC stage: a stage's
-outputs must follow from its declared deps, and the set of experiments is not one of them (inside
-a queued run the other experiments are still running).
+The comparison is a command to run after a sweep (`samba report --experiments`), not a DVC stage
+of its own: a stage's outputs must follow from its declared deps, and the set of experiments is not
+one of them. The report stage writes it too when params `report.experiments` is true, into
+reports/experiments, but new experiments do not rerun the stage: `dvc repro --force --single-item
+report` refreshes the comparison (plain `--force` also reruns every upstream stage, training
+included). The stage skips the comparison inside a temporary workspace (`--temp` and queued runs,
+under .dvc/tmp/exps), where the other experiments are not visible or are still running, and while
+no DVC experiment has results.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -34,7 +40,12 @@ ALPHA, LAMBDA = "loss.readout_weight", "loss.pruning_weight"
 # Param names (last dotted part) shown as table columns whenever a schema has them.
 SWEEP_NAMES = ("method", "site")
 # Keys that differ between runs without changing what a run computes.
-_IGNORED_PREFIXES = ("tracking.",)
+_IGNORED_PREFIXES = ("tracking.", "report.")
+# Path parts of the folder below the repository that contains the temporary workspaces of `--temp`
+# and queued experiments.
+_TEMPORARY_WORKSPACES = (".dvc", "tmp", "exps")
+
+logger = logging.getLogger(__name__)
 
 Split = Literal["valid", "test"]
 Source = Literal["experiment", "commit", "workspace"]
@@ -278,24 +289,63 @@ def write_csv(path: Path, collected: Collected, split: Split) -> None:
         writer.writerows(rows)
 
 
-def write_aggregate_report(repo: Path, out_dir: Path, split: Split = "valid",
-                           show: list[dict] | None = None) -> Path:
-    """Write experiments.md, experiments.csv, pareto.png and heatmaps.png to out_dir; return the .md path.
-
-    `show` is the parsed output of `dvc exp show --json`; when None, it is read from repo.
-    """
+def _write_files(collected: Collected, out_dir: Path, split: Split) -> Path:
     from pipeline.stages.aggregate_plots import plot_heatmaps, plot_pareto
 
-    collected = collect_results(read_experiments(repo) if show is None else show)
-    if not collected.results:
-        raise AggregateError(
-            f"no commit or experiment in {repo} has a valid {EVALUATE_FILE}: run `dvc exp run` "
-            "(or `dvc queue start` for queued experiments) first"
-        )
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_pareto(collected.results, split, out_dir / PARETO_PNG)
     plot_heatmaps(collected.results, split, out_dir / HEATMAP_PNG)
     write_csv(out_dir / TABLE_CSV, collected, split)
     path = out_dir / REPORT_NAME
     path.write_text(render_markdown(collected, split), encoding="utf-8", newline="\n")
+    return path
+
+
+def write_aggregate_report(repo: Path, out_dir: Path, split: Split = "valid",
+                           show: list[dict] | None = None) -> Path:
+    """Write experiments.md, experiments.csv, pareto.png and heatmaps.png to out_dir; return the .md path.
+
+    `show` is the parsed output of `dvc exp show --json`; when None, it is read from repo.
+    """
+    collected = collect_results(read_experiments(repo) if show is None else show)
+    if not collected.results:
+        raise AggregateError(
+            f"no commit or experiment in {repo} has a valid {EVALUATE_FILE}: run `dvc exp run` "
+            "(or `dvc queue start` for queued experiments) first"
+        )
+    return _write_files(collected, out_dir, split)
+
+
+def in_temporary_workspace(repo: Path) -> bool:
+    """Return True when repo is the temporary copy of a `--temp` or queued experiment, below .dvc/tmp/exps."""
+    parts = repo.resolve().parts
+    size = len(_TEMPORARY_WORKSPACES)
+    return any(parts[start:start + size] == _TEMPORARY_WORKSPACES for start in range(len(parts) - size + 1))
+
+
+def write_stage_aggregate(repo: Path, out_dir: Path, split: Split = "valid",
+                          show: list[dict] | None = None) -> Path | None:
+    """Write the aggregate report for the report stage, or log one line on why it is skipped.
+
+    Skips, returning None, inside a temporary workspace and while no DVC experiment has results;
+    commits and the workspace alone are not compared. Raises AggregateError when
+    `dvc exp show` fails.
+    """
+    if in_temporary_workspace(repo):
+        logger.info("skipped the comparison of experiments: this run is in a temporary DVC workspace "
+                    "(%s), where the other experiments are not visible or still running; run "
+                    "`samba report --experiments` once they finish", repo)
+        return None
+    collected = collect_results(read_experiments(repo) if show is None else show)
+    experiments = sum(result.source == "experiment" for result in collected.results)
+    if experiments == 0:
+        logger.info("skipped the comparison of experiments: no DVC experiment in %s has a valid %s yet; "
+                    "run `dvc exp run`, then `dvc repro --force --single-item report`", repo, EVALUATE_FILE)
+        return None
+    path = _write_files(collected, out_dir, split)
+    logger.info("wrote %s comparing %d DVC %s on the %s split (%d rows with commits and the "
+                "workspace); new experiments do not rerun this stage, so run `dvc repro --force "
+                "--single-item report` or `samba report --experiments` to refresh it",
+                path, experiments, "experiment" if experiments == 1 else "experiments", split,
+                len(collected.results))
     return path
