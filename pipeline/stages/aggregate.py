@@ -262,7 +262,7 @@ def render_markdown(collected: Collected, split: Split) -> str:
     lines = [
         "# Samba experiments",
         "",
-        f"{len(collected.results)} experiments and commits with results, compared on the {split} split. "
+        f"Runs with results (experiments and commits): {len(collected.results)}, compared on the {split} split. "
         f"α is `{ALPHA}`, λ is `{LAMBDA}`. Sparsity is the share of Samba's state values with "
         "|h| at most the relative threshold times the per-token RMS of the states. "
         "Pareto marks the runs that no other run beats on both perplexity and sparsity.",
