@@ -7,7 +7,7 @@ vector, so multiplying all states by a constant leaves them unchanged. The absol
 threshold does not have this property, and it is reported only for comparison.
 
 Per-token norms are reduced in the states' own dtype (float32 for a model's states) and
-summed over tokens in float64; threshold comparisons are exact, and counts are kept as
+summed over tokens in float64. Threshold comparisons are exact, and counts are kept as
 exact integers.
 """
 
@@ -160,7 +160,7 @@ class _LayerCounts:
         self._add_histogram(tokens, safe_rms, n_zero)
 
     def _add_histogram(self, tokens: Tensor, safe_rms: Tensor, n_zero: int) -> None:
-        """Count the nonzero values in bins of log10(|v| / token RMS); outliers land in the end bins."""
+        """Count the nonzero values in bins of log10(|v| / token RMS). Outliers land in the end bins."""
         low, high = HISTOGRAM_EDGES[0], HISTOGRAM_EDGES[-1]
         scale = safe_rms.to(tokens.dtype).unsqueeze(1)
         relative = tokens.abs().div_(scale).log10_().clamp_(low, high)  # Exact zeros go to the first bin.
@@ -242,7 +242,7 @@ def _count_below_absolute(h: Tensor, threshold: float) -> int:
 
 
 def _hoyer_from_norms(l1: Tensor, l2: Tensor, features: int) -> Tensor:
-    """Return Hoyer's measure per row from its L1 and L2 norms; 1.0 for an all-zero row."""
+    """Return Hoyer's measure per row from its L1 and L2 norms, and 1.0 for an all-zero row."""
     if features < 2:
         raise ValueError(f"Hoyer's measure needs at least 2 values per token vector, got {features}")
     root_n = math.sqrt(features)
