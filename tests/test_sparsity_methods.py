@@ -75,7 +75,10 @@ def test_rescaling_moves_l1_not_l1_rms():
     assert rms_normalised_l1(after.states, 2).item() == pytest.approx(rms_normalised_l1(before.states, 2).item(), rel=1e-9)
 
 
-@pytest.mark.parametrize(("features", "target", "expected"), [(64, 0.9, 6), (64, 0.95, 3), (4, 0.99, 1), (10, 0.0, 10)])
+@pytest.mark.parametrize(("features", "target", "expected"), [
+    (64, 0.9, 6), (64, 0.95, 3), (4, 0.99, 1), (10, 0.0, 10),
+    (4096, 0.9, 409), (4096, 0.5, 2048), (10, 0.8, 2), (128, 0.75, 32),
+])
 def test_topk_keep_count(features, target, expected):
     assert topk_keep_count(features, target) == expected
 

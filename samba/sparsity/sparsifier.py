@@ -38,8 +38,13 @@ SITE_TOKEN_DIMS = {"ssm_state": 2, "block_output": 1, "inner": 1}
 
 
 def topk_keep_count(features: int, target: float) -> int:
-    """Return k, the values kept per token vector of `features` values for a target share of zeros."""
-    return max(1, min(features, round((1.0 - target) * features)))
+    """Return k, the values kept per token vector of `features` values for a target share of zeros.
+
+    k is rounded down, so at least `target` of the values are zero (0.9 of 4096 keeps 409, not
+    410), except that one value is always kept.
+    """
+    # The small tolerance keeps float error from dropping an exact product, e.g. (1 - 0.8) * 10.
+    return max(1, min(features, math.floor((1.0 - target) * features + 1e-9)))
 
 
 class Sparsifier(nn.Module):
