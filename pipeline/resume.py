@@ -42,7 +42,7 @@ RUN_FILE = "mlflow_run.json"
 LOCK_FILE = "lock"
 KEY_FIELD = "resume_key"  # The key is saved in the state too, for folders chosen with --checkpoint-dir.
 # The training code, as dvc.yaml lists it for the train stages (relative to the samba package).
-TRAINING_CODE = ("model", "train", "data/stream.py", "loss.py")
+TRAINING_CODE = ("model", "train", "data/stream.py", "loss.py", "sparsity")
 # Params that change how a run is carried out but not its result.
 NOT_IN_KEY = ("train.checkpoint_every",)
 

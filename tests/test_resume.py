@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
@@ -227,3 +228,13 @@ def test_dvc_repro_resumes_after_kill9(tiny_project, ptb_dir):
     assert json.loads((project / "metrics/train_baseline.json").read_text()) == clean["metrics"]
     assert not state_files(project)
     assert "up to date" in run(["dvc", "status", "train_baseline"], project).stdout
+
+
+@pytest.mark.parametrize("stage", ["train_baseline", "train_samba"])
+def test_resume_key_covers_stage_code(stage):
+    # A training state may be resumed only by the code that wrote it, so the key hashes every
+    # samba/ folder and file that dvc.yaml lists as the training stages' code.
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    listed = {dep.removeprefix("samba/") for dep in stages[stage]["deps"] if dep.startswith("samba/")}
+    assert listed == set(resume.TRAINING_CODE)
+
