@@ -97,6 +97,13 @@ def test_collect_keeps_unique_commit(sweep):
     assert commit.rev == BASE_REV
 
 
+def test_table_names_workspace_whole(sweep):
+    sweep[0]["data"] = data(0.25, 0.2, evaluation(170.0, 0.50))
+    header, rows = table_rows(collect_results(sweep).results, "valid")
+    (row,) = [dict(zip(header, row)) for row in rows if row[0] == "workspace"]
+    assert row["Commit"] == "workspace"
+
+
 def test_collect_skips_invalid_metrics(sweep):
     broken = copy.deepcopy(sweep)
     broken[1]["experiments"][0]["revs"][0]["data"]["metrics"]["metrics/evaluate.json"]["data"]["samba"] = {}

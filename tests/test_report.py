@@ -447,5 +447,10 @@ def test_report_states_applied_zeros_and_sweep(tmp_path: Path) -> None:
     assert "| samba | topk | 90.0% | 90.1% | 88.8% | 155.0 | 170.0 |" in text
     assert "| baseline | magnitude | 90.0% | 90.1% | 88.8% | 130.0 | – |" in text
     assert "| samba | layer_0.out_proj | 128 × 256 | 10.0% |" in text
+    # The headline counts the site's matmuls, not the readout, whose input stays dense here.
+    assert "**25.0% reduction in active parameters.**" in text
+    assert "3,000,000 of its 4,000,000 parameters per token" in text
+    assert "layer_0.out_proj (10.0% of columns active)" in text
+    assert "× the per-token RMS of the inner values" in text
     for name in ("perplexity_vs_sparsity.png", "abs_over_rms_histogram.png", "channel_firing_rates.png"):
         assert (tmp_path / "reports" / name).read_bytes().startswith(PNG_SIGNATURE), name

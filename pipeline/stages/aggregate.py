@@ -132,20 +132,25 @@ def _params(data: dict) -> dict[str, Any]:
     return flatten((data.get("params") or {}).get("params.yaml", {}).get("data") or {})
 
 
+def _short_rev(rev: str) -> str:
+    """Return a commit hash cut to 7 characters; "workspace" stays whole."""
+    return rev if rev == "workspace" else rev[:7]
+
+
 def _entries(show: list[dict]) -> list[tuple[str, str, Source, dict, dict | None]]:
     """Flatten exp show's tree into (name, rev, source, data, executor) per commit and experiment."""
     entries = []
     for baseline in show:
         rev = baseline.get("rev", "")
         source: Source = "workspace" if rev == "workspace" else "commit"
-        name = baseline.get("name") or rev[:7]
+        name = baseline.get("name") or _short_rev(rev)
         entries.append((name, rev, source, baseline.get("data") or {}, None))
         for experiment in baseline.get("experiments") or []:
             revs = experiment.get("revs") or []
             if not revs:
                 continue
             latest = revs[0]
-            label = experiment.get("name") or latest.get("name") or latest.get("rev", "")[:7]
+            label = experiment.get("name") or latest.get("name") or _short_rev(latest.get("rev", ""))
             entries.append((label, latest.get("rev", ""), "experiment", latest.get("data") or {},
                             experiment.get("executor") or {}))
     return entries
@@ -248,7 +253,7 @@ def table_rows(results: list[ExperimentResult], split: Split) -> tuple[list[str]
         samba, baseline = result.split("samba", split), result.split("baseline", split)
         readout, active = samba.readout, samba.active_params
         rows.append([
-            result.name, result.rev[:7], *(_format(result.params.get(key, "–")) for key in params),
+            result.name, _short_rev(result.rev), *(_format(result.params.get(key, "–")) for key in params),
             f"{samba.ppl_token:.2f}", f"{baseline.ppl_token:.2f}", f"{samba.ppl_token / baseline.ppl_token:.3f}",
             f"{100 * sparsity_of(samba):.2f}%", f"{100 * samba.sparsity.overall.exact_zero_fraction:.2f}%",
             f"{readout.ppl_token:.2f}" if readout else "–", f"{100 * readout.accuracy:.2f}%" if readout else "–",

@@ -65,9 +65,10 @@ def _split_ids(params: Params, ids: dict, meta: dict, split: str) -> tuple:
     return split_ids, n_words
 
 
-def _evaluate(model, kind: str, site: str, params: Params, ids: dict, meta: dict, split: str) -> dict:
+def _evaluate(model, kind: str, site: str, params: Params, ids: dict, meta: dict, split: str,
+              zeros: str = "") -> dict:
     split_ids, n_words = _split_ids(params, ids, meta, split)
-    logger.info("evaluating %s on %s (%d tokens)", kind, split, len(split_ids))
+    logger.info("evaluating %s on %s (%d tokens)%s", kind, split, len(split_ids), zeros)
     return evaluate_split(
         model, split_ids, n_words, kind=kind, seq_len=params.eval.seq_len,
         batch_size=params.eval.batch_size, eos_id=meta["eos_id"],
@@ -83,7 +84,8 @@ def _sweep(model, kind: str, sparsity: SparsityConfig, params: Params, ids: dict
         for target in sparsity.sweep:
             config = replace(sparsity, method=method, target=target)
             enforced = _enforce(model, kind, config, ids, meta, params)
-            metrics = _evaluate(model, kind, sparsity.site, params, ids, meta, "test")
+            metrics = _evaluate(model, kind, sparsity.site, params, ids, meta, "test",
+                                zeros=f" with {method} zeros at {target:.0%} post hoc")
             layers = metrics["sparsity"]["layers"].values()
             point = {"method": method, "target": target, "site": sparsity.site, "ppl_token": metrics["ppl_token"],
                      "accuracy": metrics["accuracy"], "thresholds": enforced["thresholds"],

@@ -83,7 +83,9 @@ def _headlines(evaluation: EvalMetrics) -> list[str]:
     """Write the three headline sentences from the test split."""
     baseline, samba = evaluation.baseline.test, evaluation.samba.test
     dense, sparse = baseline.sparsity.overall, samba.sparsity.overall
-    active = samba.active_params
+    method = evaluation.samba.sparsity_method
+    site = method.site if method is not None else "ssm_state"
+    values, symbol = ("the states", "|h|") if site == "ssm_state" else (f"the {site} values", "|v|")
     relative_to_baseline = baseline.ppl_token / samba.ppl_token
     return [
         "## Headline results (test split)",
@@ -91,17 +93,34 @@ def _headlines(evaluation: EvalMetrics) -> list[str]:
         f"- **{percent(sparse.exact_zero_fraction, 1)} of Samba's sparsity-site values are exactly zero**, "
         f"the only values a matmul can skip. "
         f"{percent(sparse.near_zero_fraction_relative, 1)} have "
-        f"|h| ≤ {evaluation.thresholds.relative:g} × the per-token RMS of the states, exact zeros included; "
+        f"{symbol} ≤ {evaluation.thresholds.relative:g} × the per-token RMS of {values}, exact zeros included; "
         f"the small values that are not exactly 0 are shrinkage, not sparsity. The dense baseline has {percent(dense.exact_zero_fraction, 1)} exactly zero "
         f"and {percent(dense.near_zero_fraction_relative, 1)} near zero.",
         f"- **Samba reaches {percent(relative_to_baseline, 1)} of the baseline's performance**, "
         f"measured as baseline perplexity over Samba perplexity per token "
         f"({perplexity(baseline.ppl_token)} / {perplexity(samba.ppl_token)}).",
-        f"- **{percent(active.reduction, 1)} reduction in active parameters.** "
-        f"Samba uses on average {count(active.active)} of its {count(active.total)} parameters per token, "
-        f"because the readout skips the input weight columns of state entries that are zero for that token "
-        f"({percent(active.readout_input_active_fraction, 1)} of those columns stay active).",
+        _active_headline(samba, site),
     ]
+
+
+def _active_headline(samba: SplitMetrics, site: str) -> str:
+    """Write the active-parameter sentence for the matmuls that read the sparsity site."""
+    if site == "ssm_state" or samba.site_active_params is None:
+        active = samba.active_params
+        return (f"- **{percent(active.reduction, 1)} reduction in active parameters.** "
+                f"Samba uses on average {count(active.active)} of its {count(active.total)} parameters per token, "
+                f"because the readout skips the input weight columns of state entries that are zero for that token "
+                f"({percent(active.readout_input_active_fraction, 1)} of those columns stay active).")
+    active = samba.site_active_params
+    readers = ", ".join(f"{matmul.name} ({percent(matmul.active_column_fraction, 1)} of columns active)"
+                        for matmul in active.matmuls)
+    sentence = (f"- **{percent(active.reduction, 1)} reduction in active parameters.** "
+                f"Samba uses on average {count(active.active)} of its {count(active.total)} parameters per token, "
+                f"because the matmuls that read the {site} values skip the weight columns of inputs that are "
+                f"zero for that token: {readers}.")
+    if any(not matmul.counted for matmul in active.matmuls):
+        sentence += " The tied LM head shares the embedding table's weight, so its idle columns are not subtracted."
+    return sentence
 
 
 def _split_rows(evaluation: EvalMetrics) -> list[tuple[str, Callable[[str, SplitMetrics], str]]]:
