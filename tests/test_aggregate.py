@@ -89,6 +89,15 @@ def test_collect_keeps_results_once(sweep):
     ]
 
 
+def test_collect_skips_failed_run_with_base_metrics(sweep):
+    # A killed queued run keeps the metrics files of the commit it started from, with its own params.
+    sweep[1]["experiments"].append(experiment("killed", "c" * 40, data(1.0, 0.01, evaluation(175.0, 0.1)), "failed"))
+    collected = collect_results(sweep)
+    assert "killed" not in [result.name for result in collected.results]
+    assert ("killed", "failed, its metrics/evaluate.json is its base commit's") in [
+        (item.name, item.reason) for item in collected.skipped]
+
+
 def test_collect_keeps_unique_commit(sweep):
     sweep[1]["data"] = data(0.5, 0.1, evaluation(160.0, 0.40))
     results = collect_results(sweep).results

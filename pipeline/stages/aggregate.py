@@ -168,10 +168,14 @@ def collect_results(show: list[dict]) -> Collected:
     seen: dict[str, ExperimentResult] = {}
     for name, rev, source, data, executor in _entries(show):
         evaluation = _evaluation(data)
+        state = (executor or {}).get("state")
         if evaluation is None:
             if executor is not None:
-                state = executor.get("state") or "no results"
-                collected.skipped.append(Skipped(name, f"{state}, no valid {EVALUATE_FILE}"))
+                collected.skipped.append(Skipped(name, f"{state or 'no results'}, no valid {EVALUATE_FILE}"))
+            continue
+        if state not in (None, "success"):
+            # A failed or unfinished run's ref holds the metrics files of the commit it started from.
+            collected.skipped.append(Skipped(name, f"{state}, its {EVALUATE_FILE} is its base commit's"))
             continue
         result = ExperimentResult(name, rev, source, _params(data), evaluation)
         key = json.dumps([result.params, evaluation.model_dump()], sort_keys=True, default=str)
