@@ -163,7 +163,7 @@ def _training_rows(train: dict[str, TrainMetrics]) -> list[tuple[str, Callable[[
         ("Training tokens", lambda kind, split: count(train[kind].tokens)),
         ("Training time", lambda kind, split: duration(train[kind].timing.train_seconds)),
         ("Training throughput (tokens/s)", lambda kind, split: count(train[kind].timing.tokens_per_s)),
-        ("Final training loss, main", lambda kind, split: f"{train[kind].final.loss_main:.3f}"),
+        ("Training loss at the last step, main (log lines average each interval)", lambda kind, split: f"{train[kind].final.loss_main:.3f}"),
     ]
 
 
