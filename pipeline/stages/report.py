@@ -94,7 +94,8 @@ def _headlines(evaluation: EvalMetrics) -> list[str]:
         f"the only values a matmul can skip. "
         f"{percent(sparse.near_zero_fraction_relative, 1)} have "
         f"{symbol} ≤ {evaluation.thresholds.relative:g} × the per-token RMS of {values}, exact zeros included; "
-        f"the small values that are not exactly 0 are shrinkage, not sparsity. The dense baseline has {percent(dense.exact_zero_fraction, 1)} exactly zero "
+        f"the small values that are not exactly 0 are shrinkage, not sparsity. "
+        f"The dense baseline has {percent(dense.exact_zero_fraction, 1)} exactly zero "
         f"and {percent(dense.near_zero_fraction_relative, 1)} near zero.",
         f"- **Samba reaches {percent(relative_to_baseline, 1)} of the baseline's performance**, "
         f"measured as baseline perplexity over Samba perplexity per token "
@@ -163,7 +164,8 @@ def _training_rows(train: dict[str, TrainMetrics]) -> list[tuple[str, Callable[[
         ("Training tokens", lambda kind, split: count(train[kind].tokens)),
         ("Training time", lambda kind, split: duration(train[kind].timing.train_seconds)),
         ("Training throughput (tokens/s)", lambda kind, split: count(train[kind].timing.tokens_per_s)),
-        ("Training loss at the last step, main (log lines average each interval)", lambda kind, split: f"{train[kind].final.loss_main:.3f}"),
+        ("Training loss at the last step, main (log lines average each interval)",
+         lambda kind, split: f"{train[kind].final.loss_main:.3f}"),
     ]
 
 
