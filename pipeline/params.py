@@ -190,7 +190,8 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
         return f"invalid value {error.get('input')!r} for {key}: allowed values are {expected}"
-    message = error["msg"].removeprefix("Value error, ")
+    # pydantic words bounds as "Input should be less than 1"; name the key's value instead.
+    message = error["msg"].removeprefix("Value error, ").replace("Input should be", "it must be", 1)
     if not key:
         return message
     if kind == "value_error":

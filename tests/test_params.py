@@ -57,7 +57,7 @@ def test_exponent_without_dot_is_float(tmp_path, text):
         ("lss:\n  readout_weight: 0.1\n", ["'lss'", "did you mean 'loss'"]),
         ("data:\n  source: web\n", ["data.source", "'hub', 'local' or 'synthetic'"]),
         ("tokenizer:\n  kind: char\n", ["tokenizer.kind", "'word' or 'bpe'"]),
-        ("model:\n  d_model: 0\n", ["model.d_model", "greater than 0"]),
+        ("model:\n  d_model: 0\n", ["model.d_model", "it must be greater than 0"]),
         ("model:\n  n_layers: -2\n", ["model.n_layers", "greater than 0"]),
         ("train:\n  lr: fast\n", ["train.lr", "valid number"]),
         ("loss:\n  pruning_weight: -1\n", ["loss.pruning_weight", "greater than or equal to 0"]),
