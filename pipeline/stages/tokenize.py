@@ -45,6 +45,10 @@ def load_corpus(params: Params) -> tuple[dict[str, list[str]], str]:
     if data.source == "local":
         folder = resolve_local_dir(data.local_dir)
         check_tracked_inputs([folder / f"{split}.txt" for split in SPLITS], "data.local_dir")
+        if not folder.exists():
+            # Name the value as params.yaml sets it: in a --temp run the resolved path is a temporary copy.
+            raise StageError(f"data.local_dir {data.local_dir!r}: corpus folder not found ({folder}); "
+                             "create it with train.txt, valid.txt and test.txt, or fix the path")
         return load_local_corpus(folder), f"local folder {data.local_dir}"
     try:
         return load_hub_corpus(data.hub_name, data.hub_config), f"Hugging Face Hub {data.hub_name}/{data.hub_config}"
