@@ -454,3 +454,26 @@ def test_report_states_applied_zeros_and_sweep(tmp_path: Path) -> None:
     assert "× the per-token RMS of the inner values" in text
     for name in ("perplexity_vs_sparsity.png", "abs_over_rms_histogram.png", "channel_firing_rates.png"):
         assert (tmp_path / "reports" / name).read_bytes().startswith(PNG_SIGNATURE), name
+
+
+def test_report_shows_site_speed(tmp_path: Path) -> None:
+    metrics_dir, plots_dir = write_inputs(tmp_path)
+    speed = {"measured": True, "site": "inner", "label": "topk 90% (l1_rms penalty)", "threads": 2,
+             "matmuls": [{"name": "backbone.layers.0.mixer.out_proj", "weight_shape": [128, 256], "tokens": 256,
+                          "nonzero_share": 0.1, "dense_us_per_token": 40.0, "sparse_us_per_token": 10.0,
+                          "speedup": 4.0}]}
+    (metrics_dir / "speed_samba.json").write_text(json.dumps(speed))
+    text = write_report(metrics_dir, plots_dir, tmp_path / "reports").read_text(encoding="utf-8")
+
+    assert "## Measured speed of the matmuls that read the site (batch 1, this machine)" in text
+    assert "| backbone.layers.0.mixer.out_proj | 128 × 256 | 10.0% | 40 | 10 | 4.00× |" in text
+
+
+def test_report_states_unmeasured_speed(tmp_path: Path) -> None:
+    metrics_dir, plots_dir = write_inputs(tmp_path)
+    speed = {"measured": False, "site": "ssm_state", "reason": "l1 enforces no zeros"}
+    (metrics_dir / "speed_samba.json").write_text(json.dumps(speed))
+    text = write_report(metrics_dir, plots_dir, tmp_path / "reports").read_text(encoding="utf-8")
+
+    assert "Not measured: l1 enforces no zeros." in text
+

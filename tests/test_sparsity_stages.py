@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import pytest
 
 from conftest import TINY_PARAMS, REPO_ROOT
@@ -49,3 +51,14 @@ def test_stages_apply_method_zeros(tmp_path: Path, ptb_dir: Path, method: str, s
     assert [(point["method"], point["target"]) for point in samba["sweep"]] == [("magnitude", 0.8), ("topk", 0.8)]
     assert report["baseline"]["sparsity_method"]["zeros_applied"] is False
     assert report["baseline"]["test"]["sparsity"]["site"] == site
+
+    # The site's readers were timed dense and sparse, outside the reproducible metrics.
+    speed = json.loads((tmp_path / "speed_samba.json").read_text(encoding="utf-8"))
+    assert "speed" not in samba
+    assert speed["measured"] == (method != "none")
+    if method != "none":
+        names = [matmul["name"] for matmul in speed["matmuls"]]
+        expected = {"inner": "backbone.layers.0.mixer.out_proj", "block_output": "backbone.lm_head"}[site]
+        assert expected in names
+        assert all(matmul["speedup"] > 0 for matmul in speed["matmuls"])
+

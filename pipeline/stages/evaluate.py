@@ -2,27 +2,37 @@
 
 Every perplexity and accuracy is measured with the zeros of the named method applied:
 `sparsity_method` names which (for a penalty-only model, none beyond those training made),
-and each sweep point applies topk or magnitude at its target on the test split.
+and each sweep point applies topk or magnitude at its target on the test split. For Samba
+with enforced zeros, the matmuls that read the site are also timed dense and sparse on the
+first test windows; those wall-clock times go to speed_samba.json beside the metrics file,
+not into the reproducible metrics.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from pipeline.errors import StageError
 from pipeline.params import Params
+from pipeline.stages.report_inputs import SPEED_FILE
 from pipeline.stages.tokenize import load_tokens
 from pipeline.stages.train import BASELINE_SECTIONS, SAMBA_SECTIONS, stage_params, write_json
 from pipeline.tracking import tracked_run
+from samba.data.stream import eval_windows
 from samba.evaluate import calibrate_magnitude, evaluate_split
 from samba.sparsity import SparsityConfig, install_config, remove
+from samba.sparsity.speed import site_matmul_inputs, time_matvecs
 from samba.train.checkpoint import CheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("valid", "test")
+SPEED_WINDOWS = 2  # Evaluation windows of test tokens whose site vectors are timed.
 
 
 def _flat_metrics(split: str, metrics: dict) -> dict[str, float]:
@@ -98,7 +108,21 @@ def _sweep(model, kind: str, sparsity: SparsityConfig, params: Params, ids: dict
     return points
 
 
-def evaluate_checkpoint(params: Params, kind: str, folder: Path, ids: dict, meta: dict) -> dict:
+def measure_site_speed(model, kind: str, method: dict, params: Params, ids: dict, meta: dict) -> dict:
+    """Time the matmuls that read the site on the first test windows, dense and sparse, with the zeros applied."""
+    if not method["zeros_applied"]:
+        return {"measured": False, "site": method["site"],
+                "reason": f"{method['label']} enforces no zeros, so no matmul input is sparse by construction"}
+    windows = eval_windows(ids["test"], params.eval.seq_len, 1, meta["eos_id"])
+    inputs = torch.cat([window for window, _ in itertools.islice(windows, SPEED_WINDOWS)])
+    matmuls = [{"name": name, **time_matvecs(linear, vectors)}
+               for name, linear, vectors in site_matmul_inputs(model, kind, method["site"], inputs)]
+    return {"measured": True, "site": method["site"], "label": method["label"], "threads": torch.get_num_threads(),
+            "matmuls": matmuls}
+
+
+def evaluate_checkpoint(params: Params, kind: str, folder: Path, ids: dict, meta: dict,
+                        speed_path: Path | None = None) -> dict:
     try:
         model, config = load_checkpoint(folder)
     except CheckpointError as error:
@@ -125,6 +149,10 @@ def evaluate_checkpoint(params: Params, kind: str, folder: Path, ids: dict, meta
             tracker.log_metrics(flat)
             # The experiment's parent run gets both models' numbers, so one row compares a sweep point.
             tracker.log_experiment_metrics({f"{kind}.{key}": value for key, value in flat.items()})
+        if speed_path is not None:
+            # Before the sweep, which installs other zeros. Wall-clock times stay out of the metrics.
+            logger.info("timing the matmuls that read the %s values, dense and sparse", sparsity.site)
+            write_json(speed_path, measure_site_speed(model, kind, results["sparsity_method"], params, ids, meta))
         results["sweep"] = _sweep(model, kind, sparsity, params, ids, meta)
     return results
 
@@ -138,7 +166,8 @@ def run_evaluate(params: Params, tokens_dir: Path, baseline_dir: Path, samba_dir
                    "tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"]},
         "thresholds": {"relative": params.eval.relative_threshold, "absolute": params.eval.absolute_threshold},
         "baseline": evaluate_checkpoint(params, "baseline", baseline_dir, ids, meta),
-        "samba": evaluate_checkpoint(params, "samba", samba_dir, ids, meta),
+        "samba": evaluate_checkpoint(params, "samba", samba_dir, ids, meta,
+                                     speed_path=metrics_path.parent / SPEED_FILE),
     }
     write_json(metrics_path, report)
     for kind in ("baseline", "samba"):

@@ -243,6 +243,7 @@ def render_report(inputs: ReportInputs) -> str:
         _per_layer(inputs.evaluation),
         report_sparsity.dead_units_section(inputs.evaluation),
         report_sparsity.site_section(inputs.evaluation),
+        report_sparsity.speed_section(inputs.speed),
         report_sparsity.sweep_section(inputs.evaluation),
         _figures(),
     ]

@@ -32,6 +32,7 @@ _CURVE_COLUMNS = {
 _LAYER_KEY = re.compile(r"layer_(\d+)")
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+SPEED_FILE = "speed_samba.json"
 
 
 def layer_index(name: str) -> int:
@@ -172,6 +173,29 @@ class SplitMetrics(_Schema):
     site_active_params: SiteActiveParams | None = None
 
 
+class MatmulSpeed(_Schema):
+    """One matmul that reads the site, timed dense and sparse at batch 1 on the model's own zeros."""
+
+    name: str
+    weight_shape: list[int]
+    tokens: int = Field(gt=0)
+    nonzero_share: Fraction
+    dense_us_per_token: float = Field(gt=0)
+    sparse_us_per_token: float = Field(gt=0)
+    speedup: float = Field(gt=0)
+
+
+class SiteSpeed(_Schema):
+    """Wall-clock timing of the site's matmuls written by the evaluate stage (speed_samba.json)."""
+
+    measured: bool
+    site: str
+    label: str | None = None
+    reason: str | None = None
+    threads: int | None = None
+    matmuls: list[MatmulSpeed] = []
+
+
 class ModelEval(_Schema):
     parameters: int = Field(gt=0)
     valid: SplitMetrics
@@ -206,6 +230,7 @@ class ReportInputs:
     train: dict[str, TrainMetrics]
     curves: dict[str, dict[str, list[float]]]
     evaluation: EvalMetrics
+    speed: SiteSpeed | None = None
 
 
 def _input_error(path: Path, problem: str, stage: str) -> ReportInputError:
@@ -302,4 +327,7 @@ def load_report_inputs(metrics_dir: Path, plots_dir: Path) -> ReportInputs:
     eval_path = metrics_dir / "evaluate.json"
     evaluation = _load_json(eval_path, EvalMetrics, "evaluate")
     _check_evaluation(eval_path, evaluation)
-    return ReportInputs(train=train, curves=curves, evaluation=evaluation)
+    # Optional: reports of runs evaluated before the stage timed the site's matmuls have none.
+    speed_path = metrics_dir / SPEED_FILE
+    speed = _load_json(speed_path, SiteSpeed, "evaluate") if speed_path.is_file() else None
+    return ReportInputs(train=train, curves=curves, evaluation=evaluation, speed=speed)

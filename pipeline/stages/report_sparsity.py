@@ -13,7 +13,7 @@ import matplotlib.style
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipeline.stages.report_inputs import KINDS, EvalMetrics, ModelEval
+from pipeline.stages.report_inputs import KINDS, EvalMetrics, ModelEval, SiteSpeed
 from pipeline.stages.report_plots import COLORS, _save
 
 TRADEOFF_PNG = "perplexity_vs_sparsity.png"
@@ -200,3 +200,24 @@ def write_sparsity_plots(evaluation: EvalMetrics, out_dir: Path) -> None:
     plot_tradeoff(evaluation, out_dir / TRADEOFF_PNG)
     plot_histogram(evaluation, out_dir / HISTOGRAM_PNG)
     plot_firing_rates(evaluation, out_dir / FIRING_PNG)
+
+
+def speed_section(speed: SiteSpeed | None) -> list[str]:
+    """Write the measured dense and sparse times of the matmuls that read Samba's site."""
+    if speed is None:
+        return []
+    lines = ["## Measured speed of the matmuls that read the site (batch 1, this machine)", ""]
+    if not speed.measured:
+        return [*lines, f"Not measured: {speed.reason}."]
+    header = ["Matmul", "Weight (out × in)", "Nonzero inputs", "Dense (µs/token)", "Sparse (µs/token)", "Speedup"]
+    rows = [[matmul.name, " × ".join(str(size) for size in matmul.weight_shape),
+             f"{100 * matmul.nonzero_share:.1f}%", f"{matmul.dense_us_per_token:.0f}",
+             f"{matmul.sparse_us_per_token:.0f}", f"{matmul.dense_us_per_token / matmul.sparse_us_per_token:.2f}×"]
+            for matmul in speed.matmuls]
+    return [*lines,
+            f"Each matmul multiplies the {speed.site} vectors of the first test tokens one at a time, with the "
+            f"zeros of {speed.label} applied: once dense, once through the sparse-input path that reads only "
+            f"the weight rows of nonzero inputs ({speed.threads} CPU threads). These are wall-clock times of "
+            "one run, so they vary between runs and machines; docs/benchmarks-sparsity.md has end-to-end decode.",
+            "", *_table(header, rows)]
+
