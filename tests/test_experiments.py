@@ -98,8 +98,8 @@ def temp_experiment(tmp_path_factory, ptb_dir) -> dict:
 
 
 def test_temp_run_executes_its_workspace_code(temp_experiment):
-    # `--temp` runs in a copy under .dvc/tmp/exps; an installed `samba` script would import the
-    # package from where it was installed and never print the copy's marker.
+    # `--temp` runs in a copy under .dvc/tmp/exps. An installed `samba` script would import the
+    # package from where it was installed, so it would never print the copy's marker.
     assert temp_experiment["tracked"].stdout.count(WORKSPACE_MARKER) == 5  # One per stage.
 
 

@@ -217,3 +217,9 @@ def test_active_parameters_reject_bad_input() -> None:
         active_parameter_fraction(1000, (10, 40), nonzero_features_per_token=41)
     with pytest.raises(ValueError, match="smaller than the readout input weight"):
         active_parameter_fraction(100, (10, 40), nonzero_features_per_token=1)
+
+
+def test_absolute_threshold_compares_exactly_float32():
+    # float32(1e-3) is 0.0010000000475, above the threshold 1e-3, so it is not near zero.
+    h = torch.tensor([1e-3, 9e-4], dtype=torch.float32)
+    assert near_zero_fraction_absolute(h, 1e-3) == 0.5

@@ -174,7 +174,7 @@ def collect_results(show: list[dict]) -> Collected:
                 collected.skipped.append(Skipped(name, f"{state or 'no results'}, no valid {EVALUATE_FILE}"))
             continue
         if state not in (None, "success"):
-            # A failed or unfinished run's ref holds the metrics files of the commit it started from.
+            # A failed or unfinished run's ref contains the metrics files of the commit it started from.
             collected.skipped.append(Skipped(name, f"{state}, its {EVALUATE_FILE} is its base commit's"))
             continue
         result = ExperimentResult(name, rev, source, _params(data), evaluation)
@@ -336,8 +336,8 @@ def write_stage_aggregate(repo: Path, out_dir: Path, split: Split = "valid",
                           show: list[dict] | None = None) -> Path | None:
     """Write the aggregate report for the report stage, or log one line on why it is skipped.
 
-    Skips, returning None, inside a temporary workspace and while no DVC experiment has results;
-    commits and the workspace alone are not compared. Raises AggregateError when
+    Skips, returning None, inside a temporary workspace and while no DVC experiment has results.
+    Commits and the workspace alone are not compared. Raises AggregateError when
     `dvc exp show` fails.
     """
     if in_temporary_workspace(repo):

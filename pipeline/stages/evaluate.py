@@ -150,7 +150,7 @@ def evaluate_checkpoint(params: Params, kind: str, folder: Path, ids: dict, meta
             # The experiment's parent run gets both models' numbers, so one row compares a sweep point.
             tracker.log_experiment_metrics({f"{kind}.{key}": value for key, value in flat.items()})
         if speed_path is not None:
-            # Before the sweep, which installs other zeros. Wall-clock times stay out of the metrics.
+            # Timed before the sweep, because the sweep installs other zeros. Wall-clock times stay out of the metrics.
             logger.info("timing the matmuls that read the %s values, dense and sparse", sparsity.site)
             write_json(speed_path, measure_site_speed(model, kind, results["sparsity_method"], params, ids, meta))
         results["sweep"] = _sweep(model, kind, sparsity, params, ids, meta)

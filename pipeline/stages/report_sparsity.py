@@ -116,6 +116,15 @@ def figures() -> list[str]:
     ]
 
 
+def _label_axes(axes, xlabel: str, ylabel: str, legend_size: int) -> None:
+    """Label both axes, draw a light grid, and add a legend when anything has a label."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=legend_size)
+
+
 def plot_tradeoff(evaluation: EvalMetrics, path: Path) -> None:
     """Plot main and readout perplexity against exact zeros: sweep curves and each model as evaluated."""
     with matplotlib.style.context("default"):
@@ -143,12 +152,8 @@ def plot_tradeoff(evaluation: EvalMetrics, path: Path) -> None:
                 readout_axes.plot([zeros], [model.test.readout.ppl_token], marker="*", markersize=14,
                                   linestyle="none", color=COLORS[kind], label=f"{label} (as evaluated)")
         for axes, title in ((main_axes, "Main output"), (readout_axes, "Readout")):
-            axes.set_xlabel("exact zeros at the sparsity site (%)")
-            axes.set_ylabel("perplexity per token, zeros applied")
             axes.set_title(title)
-            axes.grid(alpha=0.3)
-            if axes.get_legend_handles_labels()[0]:
-                axes.legend(fontsize=7)
+            _label_axes(axes, "exact zeros at the sparsity site (%)", "perplexity per token, zeros applied", 7)
         _save(figure, path)
 
 
@@ -168,11 +173,7 @@ def plot_histogram(evaluation: EvalMetrics, path: Path) -> None:
                         label=f"{kind} (exact zeros: {_percent(histogram.exact_zeros / max(total, 1))}, not drawn)")
         axes.set_xscale("log")
         axes.set_yscale("log")
-        axes.set_xlabel("|v| / RMS of its token vector")
-        axes.set_ylabel("share of values")
-        axes.grid(alpha=0.3)
-        if axes.get_legend_handles_labels()[0]:
-            axes.legend(fontsize=8)
+        _label_axes(axes, "|v| / RMS of its token vector", "share of values", 8)
         _save(figure, path)
 
 

@@ -48,7 +48,7 @@ def site_matmul_inputs(model: nn.Module, kind: str, site: str, inputs: Tensor) -
 
 
 def time_matvecs(linear: nn.Linear, vectors: Tensor, repeats: int = 3) -> dict:
-    """Time `linear` on each row of `vectors`, dense and sparse; return per-token times and the speedup.
+    """Time `linear` on each row of `vectors`, dense and sparse, and return per-token times and the speedup.
 
     Each path runs once untimed, then `repeats` times over all rows; the fastest pass counts.
     """
